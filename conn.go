@@ -1,0 +1,849 @@
+package spoe
+
+// One SPOP connection. Its goroutines share three roles:
+//
+//   - the loop role reads frames, handles each NOTIFY inline (in the
+//     reading goroutine) and gathers the ACKs of one read in c.out, written
+//     with one write before the next blocking read;
+//   - when an inline handler outlasts inlineBudget, a timer rescues the
+//     connection: the timer's goroutine takes the loop role over (with fresh
+//     buffers and the ACKs gathered so far, which it writes at once), and
+//     the slow handler's goroutine, once done, delivers its own ACK and
+//     exits. Pipelined frames are so handled concurrently, while quick
+//     handlers cost no goroutine switch at all;
+//   - writes go through write(), which lets one goroutine write at a time
+//     and gathers what others bring meanwhile into its next write.
+//
+// An idle connection holds no buffer: the read buffer is taken from a pool
+// once data is there to read, and given back when all of it is consumed.
+
+import (
+	"context"
+	"encoding/binary"
+	"io"
+	"net"
+	"os"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/pkg/errors"
+	"github.com/sirupsen/logrus"
+)
+
+// inlineBudget is how long a handler may run inline, holding up the frames
+// behind it on its connection, before another goroutine takes the
+// connection's reading over.
+var inlineBudget = 50 * time.Microsecond
+
+// lingerTimeout bounds how long a closing connection waits for HAProxy to
+// close after the agent's last frame (a close with unread data would reset
+// the connection and could lose that frame).
+const lingerTimeout = time.Second
+
+// Ends of a connection that are not errors to report.
+var (
+	errLostRole    = errors.New("spoe: loop role taken over")        // this goroutine just exits
+	errHealthcheck = errors.New("spoe: health check answered")       // quiet end
+	errDraining    = errors.New("spoe: agent shutting down")         // drain, then DISCONNECT 0
+	errPeerClosed  = errors.New("spoe: HAProxy sent DISCONNECT")     // already answered
+	errWriteClosed = errors.New("spoe: connection closed for write") // write after the end
+)
+
+// Bits of conn.state.
+const (
+	stateInline   = 1 // a handler runs inline and may be rescued
+	stateRescuing = 2 // a rescuer is taking the loop role over
+	stateEpoch    = 4
+)
+
+// Read deadline kinds.
+const (
+	deadlineNone = iota
+	deadlineIdle
+	deadlineFrame
+)
+
+type conn struct {
+	agent *Agent
+	nc    net.Conn
+	rc    syscall.RawConn // nil: plain blocking reads
+	refs  atomic.Int32    // the loop role and each detached handler
+
+	// Set by the handshake, read-only after.
+	maxFrame   int
+	caps       capabilities
+	engine     *engine
+	handshaken bool
+	ctx        context.Context // parent of request contexts
+	cancel     context.CancelFunc
+
+	// Owned by the goroutine holding the loop role.
+	in       *buffer // read buffer, nil when idle
+	r, w     int     // unread bytes: in.b[r:w]
+	readFn   func(fd uintptr) bool
+	readN    int
+	readErr  error
+	frag     reassembly
+	ex       *exchange
+	out      *buffer // ACKs gathered for the next write
+	dlKind   int
+	dlAt     time.Time
+	draining bool
+
+	// state is epoch<<2 | stateRescuing | stateInline. Taking the loop role
+	// over from an inline handler bumps the epoch, so that the handler's
+	// goroutine learns, whatever happened since, that the role is no longer
+	// its own.
+	state atomic.Uint64
+	timer *time.Timer
+
+	// Handlers running on this connection.
+	inflight atomic.Int32
+	waitMu   sync.Mutex
+	waitCond sync.Cond
+	waiters  atomic.Int32
+	dead     atomic.Bool // closed: waiters give up
+
+	// Write side.
+	wmu      sync.Mutex
+	wcond    sync.Cond
+	writing  bool
+	wclosed  bool
+	pending  []byte
+	wdlAt    time.Time
+	dlMu     sync.Mutex // orders read-deadline changes with startDrain
+	drainReq atomic.Bool
+	closed   sync.Once
+}
+
+// exchange is what one NOTIFY needs while its handler runs: pooled.
+type exchange struct {
+	req Request
+	w   ActionWriter
+	ack []byte
+}
+
+var exchangePool = sync.Pool{New: func() interface{} { return new(exchange) }}
+
+func getExchange() *exchange { return exchangePool.Get().(*exchange) }
+
+func putExchange(ex *exchange) {
+	if poisonViews {
+		return // a fresh one each time, so that a kept view stays sealed
+	}
+	ex.req = Request{}
+	if cap(ex.ack) > 64<<10 {
+		ex.ack = nil
+	}
+	exchangePool.Put(ex)
+}
+
+func newConn(a *Agent, nc net.Conn) *conn {
+	c := &conn{agent: a, nc: nc, maxFrame: a.maxFrameSize()}
+	c.refs.Store(1)
+	c.waitCond.L = &c.waitMu
+	c.wcond.L = &c.wmu
+	c.initRawRead()
+	return c
+}
+
+// serve runs the connection from its handshake to its end.
+func (c *conn) serve() {
+	defer c.agent.goroutines.Done()
+	c.dlMu.Lock()
+	c.setDeadlineLocked(deadlineFrame, c.agent.readTimeout())
+	c.dlMu.Unlock()
+	err := c.handshake()
+	if err == nil {
+		err = c.loop()
+	}
+	c.end(err)
+}
+
+// handshake reads the HAPROXY-HELLO and answers it.
+func (c *conn) handshake() error {
+	f, err := c.nextFrame()
+	if err != nil {
+		return err
+	}
+	switch {
+	case f.typ != frameHAProxyHello:
+		return errNotHello
+	case !f.fin():
+		return errFragmented
+	case f.streamID != 0 || f.frameID != 0:
+		return errBadIDs
+	}
+	h, err := parseHAProxyHello(f.payload)
+	if err != nil {
+		return err
+	}
+	a := c.agent
+	c.maxFrame = negotiateFrameSize(h.maxFrameSize, a.maxFrameSize())
+	c.caps = h.caps&(capPipelining|capAsync) | capFragmentation
+	hello := appendAgentHello(c.outBuf(), c.maxFrame, c.caps)
+	c.out.b = hello[:0]
+	if h.healthcheck {
+		a.stats.healthchecks.Add(1)
+		if err := c.write(hello); err != nil {
+			return err
+		}
+		return errHealthcheck
+	}
+	c.ctx, c.cancel = context.WithCancel(a.base)
+	if h.engineID != "" {
+		c.engine = a.engines.join(h.engineID, c)
+	}
+	c.handshaken = true
+	return c.write(hello)
+}
+
+// requestContext is the parent of the contexts of this connection's
+// requests: with async, the engine's, as their ACKs may leave on another
+// of its connections.
+func (c *conn) requestContext() context.Context {
+	if c.caps&capAsync != 0 && c.engine != nil {
+		return c.engine.ctx
+	}
+	return c.ctx
+}
+
+// loop handles frames until the connection ends or the role moves on.
+func (c *conn) loop() error {
+	for {
+		f, err := c.nextFrame()
+		if err != nil {
+			return err
+		}
+		c.agent.stats.framesIn[frameStat(f.typ)].Add(1)
+		if c.frag.active && !(f.typ == frameUnset || f.typ == frameHAProxyDisconnect) {
+			return errInterlaced
+		}
+		switch f.typ {
+		case frameNotify:
+			err = c.onNotify(&f)
+		case frameUnset:
+			err = c.onUnset(&f)
+		case frameHAProxyDisconnect:
+			return c.onDisconnect(&f)
+		case frameHAProxyHello:
+			return errSecondHello
+		case frameAgentHello, frameAgentDisconnect, frameAck:
+			return errAgentFrame
+		default:
+			// SPOP says to ignore frame types it does not know.
+		}
+		if err != nil {
+			return err
+		}
+	}
+}
+
+func (c *conn) onNotify(f *frame) error {
+	if !f.fin() {
+		if c.caps&capFragmentation == 0 {
+			return errFragmented
+		}
+		if f.abort() {
+			return nil
+		}
+		c.frag.start(f)
+		return c.checkReassembly()
+	}
+	if f.abort() {
+		return nil
+	}
+	return c.handle(f.streamID, f.frameID, f.payload)
+}
+
+func (c *conn) onUnset(f *frame) error {
+	if !c.frag.matches(f) {
+		if c.frag.active {
+			return errInterlaced
+		}
+		return nil // nothing to continue or abort: ignored
+	}
+	if f.abort() {
+		c.frag.end()
+		return nil
+	}
+	if !c.frag.dropping {
+		c.frag.buf = append(c.frag.buf, f.payload...)
+		if err := c.checkReassembly(); err != nil {
+			return err
+		}
+	}
+	if !f.fin() {
+		return nil
+	}
+	if c.frag.dropping {
+		c.frag.end()
+		return nil
+	}
+	if err := c.handle(c.frag.streamID, c.frag.frameID, c.frag.buf); err != nil {
+		return err
+	}
+	c.frag.end()
+	return nil
+}
+
+// maxReassembled bounds a NOTIFY joined from fragments.
+const maxReassembled = 1 << 20
+
+// checkReassembly answers a NOTIFY that grew too big with an aborting ACK
+// (HAProxy then fails that event) and ignores the rest of its fragments.
+func (c *conn) checkReassembly() error {
+	if len(c.frag.buf) <= maxReassembled {
+		return nil
+	}
+	c.agent.stats.notifyTooBig.Add(1)
+	c.agent.logger().WithField("stream_id", c.frag.streamID).WithField("frame_id", c.frag.frameID).
+		Warnf("spoe: fragmented NOTIFY above %d bytes: aborted", maxReassembled)
+	b, start := appendFrameHeader(c.outBuf(), frameAck, flagFin|flagAbort, c.frag.streamID, c.frag.frameID)
+	finishFrame(b, start)
+	c.out.b = b
+	c.frag.dropping = true
+	c.frag.buf = c.frag.buf[:0]
+	return nil
+}
+
+// onDisconnect answers HAProxy's DISCONNECT with its own status.
+func (c *conn) onDisconnect(f *frame) error {
+	d, err := parseDisconnect(f.payload)
+	if err != nil {
+		return err
+	}
+	a := c.agent
+	a.stats.countDisconnect(d.status, true)
+	entry := c.log().WithField("status", uint32(d.status)).WithField("message", d.message)
+	if d.status == StatusNormal || d.status == StatusTimeout {
+		entry.Debug("spoe: HAProxy closed the connection")
+	} else {
+		entry.Warn("spoe: HAProxy closed the connection on an error")
+	}
+	c.flush()
+	_ = c.write(appendAgentDisconnect(c.outBuf(), d.status, d.status.String()))
+	c.out.b = c.out.b[:0]
+	return errPeerClosed
+}
+
+// handle validates one whole NOTIFY and runs the handler on it inline,
+// under the rescue timer.
+func (c *conn) handle(streamID, frameID uint64, payload []byte) error {
+	if err := checkMessages(payload); err != nil {
+		return err
+	}
+	if err := c.acquire(); err != nil {
+		return err
+	}
+	a := c.agent
+	ex := c.ex
+	if ex == nil {
+		ex = getExchange()
+		c.ex = ex
+	}
+	ex.req = Request{parent: c.requestContext(), streamID: streamID, frameID: frameID, payload: payload}
+	if c.engine != nil {
+		ex.req.engineID = c.engine.id
+	}
+	ex.w.reset(ex.ack[:0], streamID, frameID, c.maxFrame, a.prefixLen())
+	in := c.in
+
+	epoch := c.state.Load()
+	c.state.Store(epoch | stateInline)
+	if c.timer == nil {
+		c.timer = time.AfterFunc(inlineBudget, c.rescue)
+	} else {
+		c.timer.Reset(inlineBudget)
+	}
+	a.serveNotify(&ex.w, &ex.req)
+	ack := ex.w.finish()
+	ex.ack = ack[:0]
+	ex.req.sealed, ex.w.sealed = poisonViews, poisonViews
+	if poisonViews {
+		poison(payload)
+	}
+
+	if !c.state.CompareAndSwap(epoch|stateInline, epoch) {
+		// Rescued: the loop role went on without us. Once the rescuer is
+		// done with our read buffer, deliver our own ACK.
+		for c.state.Load()&stateRescuing != 0 {
+			runtime.Gosched()
+		}
+		c.deliver(ack)
+		putExchange(ex)
+		if in != nil {
+			putBuffer(in)
+		}
+		c.doneHandler()
+		c.unref()
+		return errLostRole
+	}
+	c.timer.Stop()
+	c.outBuf()
+	c.out.b = append(c.out.b, ack...)
+	a.stats.framesOut[frameStat(frameAck)].Add(1)
+	if poisonViews {
+		c.ex = nil
+	}
+	c.doneHandler()
+	return nil
+}
+
+// rescue runs in the timer's goroutine when an inline handler outlasts
+// inlineBudget: it takes the loop role over.
+func (c *conn) rescue() {
+	s := c.state.Load()
+	if s&stateInline == 0 || !c.state.CompareAndSwap(s, s|stateRescuing) {
+		return // the handler returned meanwhile
+	}
+	a := c.agent
+	a.goroutines.Add(1)
+	defer a.goroutines.Done()
+	c.refs.Add(1)
+	a.stats.rescues.Add(1)
+	// The slow handler keeps the read buffer its frame is in, and the
+	// reassembly buffer if its frame was joined from fragments.
+	if c.w > c.r {
+		nb := getBuffer(c.w - c.r)
+		c.w = copy(nb.b, c.in.b[c.r:c.w])
+		c.r = 0
+		c.in = nb
+	} else {
+		c.in, c.r, c.w = nil, 0, 0
+	}
+	c.frag = reassembly{}
+	c.ex = nil
+	c.state.Store(s&^(stateInline|stateRescuing) + stateEpoch)
+	// The ACKs gathered before the slow frame must not wait for it.
+	c.flush()
+	err := c.loop()
+	c.end(err)
+}
+
+// deliver sends the ACK of a handler that outlived its inline budget: on
+// its own connection, or with async on any live one of its engine.
+func (c *conn) deliver(ack []byte) {
+	a := c.agent
+	if c.write(ack) == nil {
+		a.stats.framesOut[frameStat(frameAck)].Add(1)
+		return
+	}
+	if c.caps&capAsync != 0 && c.engine != nil && c.engine.send(append([]byte(nil), ack...)) {
+		a.stats.framesOut[frameStat(frameAck)].Add(1)
+		a.stats.acksRerouted.Add(1)
+		return
+	}
+	a.stats.acksDropped.Add(1)
+}
+
+// acquire waits for a handler slot of the connection and of the agent.
+func (c *conn) acquire() error {
+	a := c.agent
+	if c.inflight.Load() >= a.maxInFlightPerConn() {
+		c.flush()
+		if !c.waitInflightBelow(a.maxInFlightPerConn()) {
+			return net.ErrClosed
+		}
+	}
+	if a.inflight.Load() >= a.maxInFlight() {
+		c.flush()
+	}
+	if !a.acquireSlot() {
+		return net.ErrClosed
+	}
+	c.inflight.Add(1)
+	return nil
+}
+
+// doneHandler releases the slots acquire took.
+func (c *conn) doneHandler() {
+	c.agent.releaseSlot()
+	c.inflight.Add(-1)
+	if c.waiters.Load() > 0 {
+		c.waitMu.Lock()
+		c.waitCond.Broadcast()
+		c.waitMu.Unlock()
+	}
+}
+
+// waitInflightBelow waits until fewer than limit handlers run on the
+// connection. It reports false if the connection was closed meanwhile.
+func (c *conn) waitInflightBelow(limit int32) bool {
+	c.waitMu.Lock()
+	defer c.waitMu.Unlock()
+	c.waiters.Add(1)
+	defer c.waiters.Add(-1)
+	for c.inflight.Load() >= limit {
+		if c.dead.Load() {
+			return false
+		}
+		c.waitCond.Wait()
+	}
+	return true
+}
+
+// nextFrame returns the next whole frame, reading as needed. Before it
+// blocks, it writes the ACKs gathered so far and gives idle buffers back.
+func (c *conn) nextFrame() (frame, error) {
+	for {
+		if n := c.w - c.r; n >= lengthSize {
+			length := binary.BigEndian.Uint32(c.in.b[c.r:])
+			if err := checkLength(length, c.maxFrame); err != nil {
+				return frame{}, err
+			}
+			total := lengthSize + int(length)
+			if n >= total {
+				b := c.in.b[c.r+lengthSize : c.r+total : c.r+total]
+				c.r += total
+				return parseFrame(b)
+			}
+			c.reserve(total)
+		}
+		if err := c.flush(); err != nil {
+			return frame{}, err
+		}
+		if c.r == c.w {
+			c.idle()
+		}
+		if err := c.fill(); err != nil {
+			return frame{}, err
+		}
+	}
+}
+
+// idle gives back every buffer the connection holds between frames.
+func (c *conn) idle() {
+	if c.in != nil {
+		putBuffer(c.in)
+		c.in, c.r, c.w = nil, 0, 0
+	}
+	if c.out != nil {
+		putBuffer(c.out)
+		c.out = nil
+	}
+	if c.ex != nil {
+		putExchange(c.ex)
+		c.ex = nil
+	}
+}
+
+// reserve makes room in the read buffer for a frame of total bytes that
+// starts at c.r.
+func (c *conn) reserve(total int) {
+	if len(c.in.b)-c.r >= total {
+		return
+	}
+	if len(c.in.b) >= total {
+		c.w = copy(c.in.b, c.in.b[c.r:c.w])
+		c.r = 0
+		return
+	}
+	nb := getBuffer(total)
+	c.w = copy(nb.b, c.in.b[c.r:c.w])
+	c.r = 0
+	putBuffer(c.in)
+	c.in = nb
+}
+
+// fill reads more bytes into the read buffer.
+func (c *conn) fill() error {
+	if c.in != nil && c.w == len(c.in.b) {
+		// Full with less than a length prefix at its end.
+		c.w = copy(c.in.b, c.in.b[c.r:c.w])
+		c.r = 0
+	}
+	if err := c.armReadDeadline(); err != nil {
+		return err
+	}
+	n, err := c.read()
+	c.w += n
+	if n > 0 {
+		return nil
+	}
+	if err == nil {
+		err = io.EOF
+	}
+	return err
+}
+
+// armReadDeadline sets the read deadline for what the next read waits for:
+// the rest of a frame (fixed once the frame began, so that a peer sending a
+// byte at a time cannot stretch it) or, after the handshake, the next frame.
+func (c *conn) armReadDeadline() error {
+	if c.drainReq.Load() {
+		return errDraining
+	}
+	a := c.agent
+	kind, d := deadlineFrame, a.readTimeout()
+	if c.handshaken && c.r == c.w {
+		kind, d = deadlineIdle, a.IdleTimeout
+		if d <= 0 {
+			kind = deadlineNone
+		}
+	}
+	switch {
+	case kind == deadlineFrame && c.dlKind == deadlineFrame:
+		return nil // the frame's deadline runs from its first byte
+	case kind == deadlineNone && c.dlKind == deadlineNone:
+		return nil
+	case kind == deadlineIdle && c.dlKind == deadlineIdle && time.Until(c.dlAt) > d-d/8:
+		return nil // refreshed lazily: it fires between 7/8 and 8/8 of d
+	}
+	c.dlMu.Lock()
+	defer c.dlMu.Unlock()
+	if c.drainReq.Load() {
+		return errDraining
+	}
+	c.setDeadlineLocked(kind, d)
+	return nil
+}
+
+func (c *conn) setDeadlineLocked(kind int, d time.Duration) {
+	var at time.Time
+	if kind != deadlineNone {
+		at = time.Now().Add(d)
+	}
+	c.dlKind, c.dlAt = kind, at
+	_ = c.nc.SetReadDeadline(at)
+}
+
+// startDrain asks the connection to end once its running handlers are done
+// (Shutdown): a reader blocked on an idle connection wakes at once.
+func (c *conn) startDrain() {
+	c.dlMu.Lock()
+	c.drainReq.Store(true)
+	_ = c.nc.SetReadDeadline(time.Unix(1, 0))
+	c.dlMu.Unlock()
+}
+
+// abort closes the connection at once (Close).
+func (c *conn) abort() {
+	c.drainReq.Store(true)
+	c.closeSocket()
+}
+
+// outBuf returns the output buffer's bytes, taking a buffer if needed.
+func (c *conn) outBuf() []byte {
+	if c.out == nil {
+		c.out = getBuffer(0)
+		c.out.b = c.out.b[:0]
+	}
+	return c.out.b
+}
+
+// flush writes the gathered ACKs.
+func (c *conn) flush() error {
+	if c.out == nil || len(c.out.b) == 0 {
+		return nil
+	}
+	err := c.write(c.out.b)
+	c.out.b = c.out.b[:0]
+	return err
+}
+
+// write sends whole frames. One goroutine writes at a time; frames brought
+// while it writes are gathered into its next write. It returns an error if
+// the frames cannot go out on this connection (it is closed).
+func (c *conn) write(frames []byte) error {
+	c.wmu.Lock()
+	if c.wclosed {
+		c.wmu.Unlock()
+		return errWriteClosed
+	}
+	if c.writing {
+		c.pending = append(c.pending, frames...)
+		c.wmu.Unlock()
+		return nil
+	}
+	c.writing = true
+	c.wmu.Unlock()
+
+	var spare []byte
+	err := c.writeOut(frames)
+	for {
+		c.wmu.Lock()
+		if err != nil || len(c.pending) == 0 {
+			if err != nil {
+				c.wclosed = true
+				lost := c.pending
+				c.pending = nil
+				c.writing = false
+				c.wcond.Broadcast()
+				c.wmu.Unlock()
+				c.writeFailed(err, lost)
+				return err
+			}
+			c.writing = false
+			c.wcond.Broadcast()
+			c.wmu.Unlock()
+			return nil
+		}
+		batch := c.pending
+		c.pending = spare[:0]
+		c.wmu.Unlock()
+		err = c.writeOut(batch)
+		spare = batch
+	}
+}
+
+// writeOut performs one write, with a write deadline refreshed lazily.
+func (c *conn) writeOut(b []byte) error {
+	d := c.agent.writeTimeout()
+	if time.Until(c.wdlAt) < d-d/8 {
+		c.wdlAt = time.Now().Add(d)
+		_ = c.nc.SetWriteDeadline(c.wdlAt)
+	}
+	_, err := c.nc.Write(b)
+	if err == nil {
+		c.agent.stats.writes.Add(1)
+	}
+	return err
+}
+
+// writeFailed ends the connection after a write error. With async, frames
+// that other goroutines had queued go to the engine.
+func (c *conn) writeFailed(err error, lost []byte) {
+	if !isNormalEnd(err) {
+		c.log().WithError(err).Warn("spoe: write failed, closing the connection")
+	}
+	if len(lost) > 0 && c.caps&capAsync != 0 && c.engine != nil && c.engine.send(lost) {
+		c.agent.stats.acksRerouted.Add(1)
+	}
+	c.closeSocket()
+}
+
+// closeWrite stops all writes on the connection, waiting for the one under
+// way.
+func (c *conn) closeWrite() {
+	c.wmu.Lock()
+	for c.writing {
+		c.wcond.Wait()
+	}
+	c.wclosed = true
+	c.wmu.Unlock()
+}
+
+// disconnect sends AGENT-DISCONNECT after everything already queued.
+func (c *conn) disconnect(s Status, msg string) {
+	c.agent.stats.countDisconnect(s, false)
+	_ = c.write(appendAgentDisconnect(c.outBuf(), s, msg))
+	c.out.b = c.out.b[:0]
+}
+
+// end closes the connection after its loop returned err.
+func (c *conn) end(err error) {
+	if err == errLostRole {
+		return
+	}
+	a := c.agent
+	c.flush()
+	switch {
+	case err == errDraining || c.drainReq.Load() && isTimeout(err):
+		// Shutdown: once the running handlers are done and their ACKs out.
+		c.waitInflightBelow(1)
+		c.disconnect(StatusNormal, StatusNormal.String())
+		c.linger()
+	case err == errHealthcheck || err == errPeerClosed:
+		c.linger()
+	case isNormalEnd(err):
+		c.log().WithError(err).Debug("spoe: connection closed by HAProxy")
+	case isTimeout(err):
+		c.log().Info("spoe: read timeout, closing the connection")
+		c.disconnect(StatusTimeout, StatusTimeout.String())
+		c.linger()
+	case err == errWriteClosed:
+	default:
+		s := statusOf(err)
+		a.stats.protocolErrors.Add(1)
+		c.log().WithError(err).WithField("status", uint32(s)).Warn("spoe: protocol error, closing the connection")
+		c.disconnect(s, s.String())
+		c.linger()
+	}
+	c.closeSocket()
+	c.unref()
+}
+
+// linger waits, briefly, for HAProxy to close after the agent's last frame,
+// discarding what it still sends, so that closing with unread data does not
+// reset the connection before HAProxy read that frame.
+func (c *conn) linger() {
+	c.closeWrite()
+	_ = c.nc.SetReadDeadline(time.Now().Add(lingerTimeout))
+	var buf [512]byte
+	for {
+		if _, err := c.nc.Read(buf[:]); err != nil {
+			return
+		}
+	}
+}
+
+// closeSocket closes the socket and leaves the engine: the end of the
+// connection for everyone but the handlers still running on it.
+func (c *conn) closeSocket() {
+	c.closed.Do(func() {
+		c.wmu.Lock()
+		c.wclosed = true
+		c.wmu.Unlock()
+		c.nc.Close()
+		if c.engine != nil {
+			c.engine.leave(c)
+		}
+		if c.cancel != nil {
+			c.cancel()
+		}
+		c.dead.Store(true)
+		c.waitMu.Lock()
+		c.waitCond.Broadcast()
+		c.waitMu.Unlock()
+	})
+}
+
+// unref drops one reference; the last one forgets the connection.
+func (c *conn) unref() {
+	if c.refs.Add(-1) != 0 {
+		return
+	}
+	c.closeSocket()
+	if c.in != nil {
+		putBuffer(c.in)
+		c.in = nil
+	}
+	if c.out != nil {
+		putBuffer(c.out)
+		c.out = nil
+	}
+	if c.ex != nil {
+		putExchange(c.ex)
+		c.ex = nil
+	}
+	if c.timer != nil {
+		c.timer.Stop()
+	}
+	c.agent.trackConn(c, false)
+}
+
+func (c *conn) log() logrus.FieldLogger {
+	return c.agent.logger().WithField("remote", c.nc.RemoteAddr().String())
+}
+
+// isNormalEnd reports a connection end that is no error: EOF, reset, or
+// the socket closed by the agent itself.
+func isNormalEnd(err error) bool {
+	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) ||
+		errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) ||
+		errors.Is(err, net.ErrClosed)
+}
+
+func isTimeout(err error) bool { return errors.Is(err, os.ErrDeadlineExceeded) }
+
+// plainRead reads with net.Conn.Read, for connections without raw access.
+func (c *conn) plainRead() (int, error) {
+	if c.in == nil {
+		c.in, c.r, c.w = getBuffer(0), 0, 0
+	}
+	return c.nc.Read(c.in.b[c.w:])
+}

@@ -1,0 +1,207 @@
+package spoe
+
+// A frame on the wire:
+//
+//	LENGTH:u32be  TYPE:u8  FLAGS:u32be  STREAM-ID:varint  FRAME-ID:varint  PAYLOAD
+//
+// LENGTH counts everything after itself and is bounded by the max-frame-size
+// the two peers agreed on in the handshake.
+
+import (
+	"encoding/binary"
+	"io"
+	"math/bits"
+	"sync"
+)
+
+// frameType is the TYPE byte of a frame.
+type frameType uint8
+
+const (
+	frameUnset             frameType = 0 // continuation fragment of a NOTIFY
+	frameHAProxyHello      frameType = 1
+	frameHAProxyDisconnect frameType = 2
+	frameNotify            frameType = 3
+	frameAgentHello        frameType = 101
+	frameAgentDisconnect   frameType = 102
+	frameAck               frameType = 103
+)
+
+func (t frameType) String() string {
+	switch t {
+	case frameUnset:
+		return "UNSET"
+	case frameHAProxyHello:
+		return "HAPROXY-HELLO"
+	case frameHAProxyDisconnect:
+		return "HAPROXY-DISCONNECT"
+	case frameNotify:
+		return "NOTIFY"
+	case frameAgentHello:
+		return "AGENT-HELLO"
+	case frameAgentDisconnect:
+		return "AGENT-DISCONNECT"
+	case frameAck:
+		return "ACK"
+	}
+	return "UNKNOWN"
+}
+
+// Frame flags. Only FIN and ABORT are defined; the others are reserved.
+const (
+	flagFin   uint32 = 0x00000001
+	flagAbort uint32 = 0x00000002
+)
+
+const (
+	// lengthSize is the size of the LENGTH prefix.
+	lengthSize = 4
+	// minFrameLength is the smallest LENGTH: type, flags and two 1-byte ids.
+	minFrameLength = 1 + 4 + 1 + 1
+	// MinFrameSize is the smallest max-frame-size SPOP allows.
+	MinFrameSize = 256
+	// maxHeaderLength bounds the header after LENGTH: type, flags and two
+	// 10-byte varints.
+	maxHeaderLength = 1 + 4 + 2*maxVarintLen
+)
+
+// frame is one decoded frame. Its payload is a view of the buffer it was
+// parsed from.
+type frame struct {
+	typ      frameType
+	flags    uint32
+	streamID uint64
+	frameID  uint64
+	payload  []byte
+}
+
+func (f *frame) fin() bool   { return f.flags&flagFin != 0 }
+func (f *frame) abort() bool { return f.flags&flagAbort != 0 }
+
+// checkLength bounds a frame's LENGTH before anything of its body is read.
+func checkLength(n uint32, maxFrameSize int) error {
+	if n < minFrameLength {
+		return errFrameTooSmall
+	}
+	if uint64(n) > uint64(maxFrameSize) {
+		return errFrameTooBig
+	}
+	return nil
+}
+
+// parseFrame decodes a frame's header from b, which holds the LENGTH bytes
+// that follow the length prefix.
+func parseFrame(b []byte) (frame, error) {
+	if len(b) < minFrameLength {
+		return frame{}, errFrameTooSmall
+	}
+	f := frame{typ: frameType(b[0]), flags: binary.BigEndian.Uint32(b[1:5])}
+	var err error
+	off := 5
+	if f.streamID, off, err = readVarint(b, off); err != nil {
+		return frame{}, err
+	}
+	if f.frameID, off, err = readVarint(b, off); err != nil {
+		return frame{}, err
+	}
+	f.payload = b[off:]
+	return f, nil
+}
+
+// appendFrameHeader starts a frame in b: a length placeholder, type, flags
+// and ids. It returns the extended buffer and the frame's start offset, to be
+// given to finishFrame once the payload is appended.
+func appendFrameHeader(b []byte, t frameType, flags uint32, streamID, frameID uint64) ([]byte, int) {
+	start := len(b)
+	b = append(b, 0, 0, 0, 0, byte(t), byte(flags>>24), byte(flags>>16), byte(flags>>8), byte(flags))
+	b = appendVarint(b, streamID)
+	b = appendVarint(b, frameID)
+	return b, start
+}
+
+// finishFrame writes the LENGTH of the frame that starts at b[start:] and
+// runs to the end of b.
+func finishFrame(b []byte, start int) {
+	putUint32(b[start:], uint32(len(b)-start-lengthSize))
+}
+
+// readFrame reads one whole frame from r into buf (grown as needed) and
+// returns the bytes after its length prefix. The length is checked against
+// maxFrameSize before any of the frame's body is read. It is the simple
+// blocking reader used where batching does not matter (the client side).
+func readFrame(r io.Reader, buf []byte, maxFrameSize int) ([]byte, error) {
+	var hdr [lengthSize]byte
+	if _, err := io.ReadFull(r, hdr[:]); err != nil {
+		return nil, err
+	}
+	n := binary.BigEndian.Uint32(hdr[:])
+	if err := checkLength(n, maxFrameSize); err != nil {
+		return nil, err
+	}
+	if cap(buf) < int(n) {
+		buf = make([]byte, n)
+	}
+	buf = buf[:n]
+	if _, err := io.ReadFull(r, buf); err != nil {
+		if err == io.EOF {
+			err = io.ErrUnexpectedEOF
+		}
+		return nil, err
+	}
+	return buf, nil
+}
+
+// buffer is a pooled byte buffer for reading frames and gathering ACKs.
+// Buffers come in size classes, powers of two from minBufferSize, so that a
+// connection reading small frames never holds a big buffer.
+type buffer struct {
+	b []byte
+}
+
+const (
+	minBufferShift = 15 // 32 KiB: a default 16 KiB frame and its neighbours
+	minBufferSize  = 1 << minBufferShift
+	bufferClasses  = 17 // up to 2 GiB; bigger ones are not pooled
+)
+
+var bufferPools [bufferClasses]sync.Pool
+
+// bufferClass returns the smallest class holding n bytes.
+func bufferClass(n int) int {
+	if n <= minBufferSize {
+		return 0
+	}
+	return bits.Len(uint(n-1)) - minBufferShift
+}
+
+// getBuffer returns a buffer of at least n bytes (at least minBufferSize),
+// with len(b) == cap(b).
+func getBuffer(n int) *buffer {
+	c := bufferClass(n)
+	if c >= bufferClasses {
+		return &buffer{b: make([]byte, n)}
+	}
+	if v := bufferPools[c].Get(); v != nil {
+		buf := v.(*buffer)
+		buf.b = buf.b[:cap(buf.b)]
+		return buf
+	}
+	return &buffer{b: make([]byte, minBufferSize<<c)}
+}
+
+// putBuffer gives a buffer back to its pool.
+func putBuffer(buf *buffer) {
+	n := cap(buf.b)
+	if n < minBufferSize {
+		return
+	}
+	c := bits.Len(uint(n)) - 1 - minBufferShift
+	if c >= bufferClasses {
+		return
+	}
+	buf.b = buf.b[:cap(buf.b)]
+	if poisonViews {
+		poison(buf.b)
+	}
+	bufferPools[c].Put(buf)
+}

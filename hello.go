@@ -1,0 +1,190 @@
+package spoe
+
+import (
+	"strings"
+)
+
+// capabilities is a set of SPOP capabilities.
+type capabilities uint8
+
+const (
+	// capPipelining: several NOTIFYs in flight on a connection, ACKs in any
+	// order on that same connection.
+	capPipelining capabilities = 1 << iota
+	// capAsync: an ACK may come back on any connection of the same engine-id
+	// (HAProxy 2.6 to 3.0).
+	capAsync
+	// capFragmentation: the receiver accepts fragmented frames. It is
+	// asymmetric: the agent announces it to receive fragmented NOTIFYs;
+	// HAProxy never announces it and the agent never fragments.
+	capFragmentation
+)
+
+var capNames = [...]struct {
+	c    capabilities
+	name string
+}{
+	{capPipelining, "pipelining"},
+	{capAsync, "async"},
+	{capFragmentation, "fragmentation"},
+}
+
+// parseCapabilities reads a comma-separated capability list the way HAProxy
+// does: leading spaces skipped, a token ends at a comma, a space or the end,
+// case matters, unknown tokens are ignored.
+func parseCapabilities(s []byte) capabilities {
+	var c capabilities
+	for len(s) > 0 {
+		for len(s) > 0 && s[0] == ' ' {
+			s = s[1:]
+		}
+		end := 0
+		for end < len(s) && s[end] != ',' && s[end] != ' ' {
+			end++
+		}
+		tok := s[:end]
+		for _, cn := range capNames {
+			if string(tok) == cn.name {
+				c |= cn.c
+			}
+		}
+		// Skip the rest of the item, up to and past the next comma.
+		for end < len(s) && s[end] != ',' {
+			end++
+		}
+		if end < len(s) {
+			end++
+		}
+		s = s[end:]
+	}
+	return c
+}
+
+// String returns the capabilities as SPOP's comma-separated list.
+func (c capabilities) String() string {
+	var b strings.Builder
+	for _, cn := range capNames {
+		if c&cn.c != 0 {
+			if b.Len() > 0 {
+				b.WriteByte(',')
+			}
+			b.WriteString(cn.name)
+		}
+	}
+	return b.String()
+}
+
+// haproxyHello is what a HAPROXY-HELLO says.
+type haproxyHello struct {
+	maxFrameSize uint64
+	caps         capabilities
+	engineID     string
+	healthcheck  bool
+}
+
+// parseHAProxyHello reads a HAPROXY-HELLO payload: supported-versions must
+// list 2.0, max-frame-size must be there and at least 256; capabilities,
+// engine-id and healthcheck are optional; unknown keys are skipped.
+func parseHAProxyHello(payload []byte) (haproxyHello, error) {
+	var h haproxyHello
+	var haveVersion, haveFrameSize, v20 bool
+	for off := 0; off < len(payload); {
+		e, next, err := readKV(payload, off)
+		if err != nil {
+			return haproxyHello{}, err
+		}
+		off = next
+		switch string(e.key) {
+		case "supported-versions":
+			s, ok := stringValue(e.value)
+			if !ok {
+				return haproxyHello{}, errBadKVType
+			}
+			haveVersion = true
+			v20 = supportsVersion20(s)
+		case "max-frame-size":
+			n, ok := e.value.Uint()
+			if !ok {
+				return haproxyHello{}, errBadKVType
+			}
+			haveFrameSize = true
+			h.maxFrameSize = n
+		case "capabilities":
+			s, ok := stringValue(e.value)
+			if !ok {
+				return haproxyHello{}, errBadKVType
+			}
+			h.caps = parseCapabilities(s)
+		case "engine-id":
+			s, ok := stringValue(e.value)
+			if !ok {
+				return haproxyHello{}, errBadKVType
+			}
+			h.engineID = string(s)
+		case "healthcheck":
+			b, ok := e.value.Bool()
+			if !ok {
+				return haproxyHello{}, errBadKVType
+			}
+			h.healthcheck = b
+		}
+	}
+	switch {
+	case !haveVersion:
+		return haproxyHello{}, errNoVersion
+	case !v20:
+		return haproxyHello{}, errUnsupportedVersion
+	case !haveFrameSize:
+		return haproxyHello{}, errNoFrameSize
+	case h.maxFrameSize < MinFrameSize:
+		return haproxyHello{}, errBadFrameSize
+	}
+	return h, nil
+}
+
+// stringValue returns the bytes of a STRING value.
+func stringValue(v Value) ([]byte, bool) {
+	return v.data, v.typ == TypeString
+}
+
+// supportsVersion20 reports whether a comma-separated version list holds
+// 2.0. Spaces are ignored and the minor version may have extra zeros
+// ("2.00"), as HAProxy's own parser allows.
+func supportsVersion20(list []byte) bool {
+	for _, item := range strings.Split(string(list), ",") {
+		item = strings.TrimSpace(item)
+		major, minor, ok := strings.Cut(item, ".")
+		if !ok || major != "2" || minor == "" || strings.Trim(minor, "0") != "" {
+			continue
+		}
+		return true
+	}
+	return false
+}
+
+// negotiateFrameSize returns the max-frame-size the agent answers: HAProxy's,
+// lowered to the agent's limit, never below 256.
+func negotiateFrameSize(haproxy uint64, agentLimit int) int {
+	n := uint64(agentLimit)
+	if haproxy < n {
+		n = haproxy
+	}
+	if n < MinFrameSize {
+		n = MinFrameSize
+	}
+	return int(n)
+}
+
+// appendAgentHello appends a whole AGENT-HELLO frame. capabilities is always
+// present, even empty: HAProxy 3.x's health check fails without it.
+func appendAgentHello(b []byte, maxFrameSize int, caps capabilities) []byte {
+	b, start := appendFrameHeader(b, frameAgentHello, flagFin, 0, 0)
+	b = appendName(b, "version")
+	b = appendTypedBytes(b, TypeString, "2.0")
+	b = appendName(b, "max-frame-size")
+	b = appendTypedInt(b, TypeUint32, uint64(maxFrameSize))
+	b = appendName(b, "capabilities")
+	b = appendTypedBytes(b, TypeString, caps.String())
+	finishFrame(b, start)
+	return b
+}

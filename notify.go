@@ -1,0 +1,398 @@
+package spoe
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"runtime/debug"
+	"time"
+
+	"github.com/pkg/errors"
+)
+
+// A Handler answers the NOTIFY frames HAProxy sends: it reads the messages
+// of r and writes actions to w. It is the zero-copy path; MessageHandler is
+// the simple one, built on it.
+//
+// r, w and every view they give (names, values, iterators) are valid only
+// until ServeSPOE returns; builds with the race detector poison them after,
+// so that a handler that keeps one fails loudly in tests. Copy what must
+// outlive the call.
+//
+// ServeSPOE is called concurrently for the frames of different connections,
+// and for those of one connection when an earlier one is slow.
+//
+// When ServeSPOE returns an error or panics, the actions it wrote are
+// dropped, the agent answers with the error variable set (see
+// Agent.ErrorVar), and logs and counts the error.
+type Handler interface {
+	ServeSPOE(w *ActionWriter, r *Request) error
+}
+
+// HandlerFunc adapts a function to the Handler interface.
+type HandlerFunc func(w *ActionWriter, r *Request) error
+
+// ServeSPOE calls f(w, r).
+func (f HandlerFunc) ServeSPOE(w *ActionWriter, r *Request) error { return f(w, r) }
+
+// Message is one SPOE message of a NOTIFY frame, in the simple API: its name
+// (the spoe-message section's) and its arguments by name, decoded to Go
+// values that the handler may keep:
+//
+//	NULL    nil          INT32   int32        IPV4    net.IP (4 bytes)
+//	BOOL    bool         UINT32  uint32       IPV6    net.IP (16 bytes)
+//	STRING  string       INT64   int64        BINARY  []byte
+//	                     UINT64  uint64
+//
+// HAProxy sends every integer sample as INT64. An unnamed argument ("args
+// src" in spoe.conf) is under the key ""; when several arguments share a
+// name, the first one is kept. Request's iterators see them all, in order.
+type Message struct {
+	Name string
+	Args map[string]interface{}
+}
+
+// MessageHandler is the simple API: it receives every message of a NOTIFY
+// frame and returns the actions to send back. It is a Handler.
+type MessageHandler func(messages []Message) ([]Action, error)
+
+// ServeSPOE decodes r's messages, calls h and writes its actions to w.
+// An action the writer refuses is logged and counted by the agent; the
+// others are still sent.
+func (h MessageHandler) ServeSPOE(w *ActionWriter, r *Request) error {
+	actions, err := h(r.decodeMessages())
+	if err != nil {
+		return err
+	}
+	for _, a := range actions {
+		if a == nil {
+			continue
+		}
+		_ = a.writeTo(w) // refusals are recorded in w and reported by the agent
+	}
+	return nil
+}
+
+// Request is one NOTIFY frame being handled. Its messages are read lazily
+// from the frame, which was checked whole before the handler was called.
+type Request struct {
+	parent   context.Context
+	ctx      context.Context
+	cancel   context.CancelFunc
+	engineID string
+	streamID uint64
+	frameID  uint64
+	payload  []byte
+	sealed   bool
+}
+
+func (r *Request) check() {
+	if r.sealed {
+		panic("spoe: Request used after its handler returned")
+	}
+}
+
+// Context returns the request's context. It is cancelled when the handler
+// returns, when the connection that must carry the ACK is gone (the frame's
+// own connection or, with the async capability, the last connection of its
+// HAProxy engine) and when the agent is closed.
+func (r *Request) Context() context.Context {
+	r.check()
+	if r.ctx == nil {
+		r.ctx, r.cancel = context.WithCancel(r.parent)
+	}
+	return r.ctx
+}
+
+// EngineID returns the engine-id HAProxy sent in its HELLO: one per HAProxy
+// process and SPOE filter (per thread on 2.6). It is empty when HAProxy sent
+// none.
+func (r *Request) EngineID() string { r.check(); return r.engineID }
+
+// StreamID returns the frame's stream-id.
+func (r *Request) StreamID() uint64 { r.check(); return r.streamID }
+
+// FrameID returns the frame's frame-id.
+func (r *Request) FrameID() uint64 { r.check(); return r.frameID }
+
+// Messages returns an iterator over the frame's messages, in the order of
+// HAProxy's configuration.
+func (r *Request) Messages() MessageIterator {
+	r.check()
+	return MessageIterator{rest: r.payload}
+}
+
+// Message returns the first message with that name.
+func (r *Request) Message(name string) (MessageIterator, bool) {
+	it := r.Messages()
+	for it.Next() {
+		if it.NameIs(name) {
+			return it, true
+		}
+	}
+	return MessageIterator{}, false
+}
+
+// decodeMessages builds the simple API's messages, with copied values.
+func (r *Request) decodeMessages() []Message {
+	r.check()
+	n := 0
+	for it := r.Messages(); it.Next(); {
+		n++
+	}
+	msgs := make([]Message, 0, n)
+	for it := r.Messages(); it.Next(); {
+		m := Message{Name: string(it.name), Args: make(map[string]interface{}, it.nargs)}
+		for args := it.Args(); args.Next(); {
+			if _, dup := m.Args[string(args.name)]; !dup {
+				m.Args[string(args.name)] = args.value.Interface()
+			}
+		}
+		msgs = append(msgs, m)
+	}
+	return msgs
+}
+
+// MessageIterator walks the messages of a NOTIFY frame:
+//
+//	for msgs := r.Messages(); msgs.Next(); {
+//		if msgs.NameIs("ip-rep") { ... msgs.Args() ... }
+//	}
+//
+// Its views are valid only while the handler runs.
+type MessageIterator struct {
+	rest  []byte // the messages after the current one
+	name  []byte
+	nargs int
+	args  []byte // the current message's arguments and everything after
+}
+
+// Next moves to the next message and reports whether there is one.
+func (it *MessageIterator) Next() bool {
+	if len(it.rest) == 0 {
+		return false
+	}
+	name, off, err := readBytes(it.rest, 0)
+	if err != nil || off >= len(it.rest) {
+		it.rest = nil
+		return false
+	}
+	it.name, it.nargs = name, int(it.rest[off])
+	off++
+	it.args = it.rest[off:]
+	// Step over the arguments to find the next message.
+	for i := 0; i < it.nargs; i++ {
+		if _, off, err = readBytes(it.rest, off); err == nil {
+			off, err = skipValue(it.rest, off)
+		}
+		if err != nil {
+			it.rest = nil
+			return false
+		}
+	}
+	it.rest = it.rest[off:]
+	return true
+}
+
+// Name returns the message's name as a new string.
+func (it *MessageIterator) Name() string { return string(it.name) }
+
+// NameBytes returns the message's name as a view of the frame.
+func (it *MessageIterator) NameBytes() []byte { return it.name }
+
+// NameIs reports whether the message is called name, without allocating.
+func (it *MessageIterator) NameIs(name string) bool { return string(it.name) == name }
+
+// NumArgs returns the number of the message's arguments.
+func (it *MessageIterator) NumArgs() int { return it.nargs }
+
+// Args returns an iterator over the message's arguments, in order,
+// unnamed and duplicate ones included.
+func (it *MessageIterator) Args() ArgIterator {
+	return ArgIterator{rest: it.args, left: it.nargs}
+}
+
+// Arg returns the value of the message's first argument with that name.
+func (it *MessageIterator) Arg(name string) (Value, bool) {
+	for args := it.Args(); args.Next(); {
+		if args.NameIs(name) {
+			return args.value, true
+		}
+	}
+	return Value{}, false
+}
+
+// ArgIterator walks the arguments of one message. Its views are valid only
+// while the handler runs.
+type ArgIterator struct {
+	rest  []byte
+	left  int
+	name  []byte
+	value Value
+}
+
+// Next moves to the next argument and reports whether there is one.
+func (a *ArgIterator) Next() bool {
+	if a.left <= 0 {
+		return false
+	}
+	a.left--
+	name, off, err := readBytes(a.rest, 0)
+	if err != nil {
+		a.left = 0
+		return false
+	}
+	v, off, err := readValue(a.rest, off)
+	if err != nil {
+		a.left = 0
+		return false
+	}
+	a.name, a.value, a.rest = name, v, a.rest[off:]
+	return true
+}
+
+// Name returns the argument's name as a new string; "" for an unnamed one.
+func (a *ArgIterator) Name() string { return string(a.name) }
+
+// NameBytes returns the argument's name as a view of the frame.
+func (a *ArgIterator) NameBytes() []byte { return a.name }
+
+// NameIs reports whether the argument is called name, without allocating.
+func (a *ArgIterator) NameIs(name string) bool { return string(a.name) == name }
+
+// Value returns the argument's value.
+func (a *ArgIterator) Value() Value { return a.value }
+
+// checkMessages walks a NOTIFY's LIST-OF-MESSAGES once, so that a malformed
+// frame is refused whole and the handler's iterators cannot fail.
+func checkMessages(payload []byte) error {
+	for off := 0; off < len(payload); {
+		var err error
+		if _, off, err = readBytes(payload, off); err != nil {
+			return err
+		}
+		if off >= len(payload) {
+			return errTruncated
+		}
+		nargs := int(payload[off])
+		off++
+		for i := 0; i < nargs; i++ {
+			if _, off, err = readBytes(payload, off); err != nil {
+				return err
+			}
+			if off, err = skipValue(payload, off); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// reassembly gathers the fragments of one NOTIFY (HAProxy 2.6 and 3.0 send
+// them to an agent that announced "fragmentation"): a NOTIFY without FIN,
+// then UNSET frames with the same ids, the last one with FIN. An UNSET with
+// ABORT ends it without an ACK.
+type reassembly struct {
+	active   bool
+	dropping bool // too big: answered with an aborting ACK, rest ignored
+	streamID uint64
+	frameID  uint64
+	buf      []byte
+}
+
+func (ra *reassembly) start(f *frame) {
+	ra.active, ra.dropping = true, false
+	ra.streamID, ra.frameID = f.streamID, f.frameID
+	ra.buf = append(ra.buf[:0], f.payload...)
+}
+
+func (ra *reassembly) matches(f *frame) bool {
+	return ra.active && f.streamID == ra.streamID && f.frameID == ra.frameID
+}
+
+// end forgets the NOTIFY and lets go of a buffer grown past the usual size.
+func (ra *reassembly) end() {
+	ra.active, ra.dropping = false, false
+	if cap(ra.buf) > 64<<10 {
+		ra.buf = nil
+	} else {
+		ra.buf = ra.buf[:0]
+	}
+}
+
+// panicError is a recovered handler panic, with its stack.
+type panicError struct {
+	value interface{}
+	stack []byte
+}
+
+func (e *panicError) Error() string { return fmt.Sprintf("spoe: handler panic: %v", e.value) }
+
+// callHandler runs the handler on r, recovering a panic into an error.
+func callHandler(h Handler, w *ActionWriter, r *Request) (err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			err = &panicError{value: p, stack: debug.Stack()}
+		}
+	}()
+	return h.ServeSPOE(w, r)
+}
+
+// serveNotify handles one whole NOTIFY: it calls the handler and completes
+// w's ACK. A handler error or panic replaces the actions with the error
+// variable, so that HAProxy's rules see the failure at once.
+func (a *Agent) serveNotify(w *ActionWriter, r *Request) {
+	start := time.Now()
+	err := callHandler(a.handler(), w, r)
+	a.stats.observeHandler(time.Since(start))
+	if r.cancel != nil {
+		r.cancel()
+		r.ctx, r.cancel = nil, nil
+	}
+	if err != nil {
+		w.discardActions()
+		w.err, w.refused = nil, 0
+		var pe *panicError
+		if errors.As(err, &pe) {
+			a.stats.handlerPanics.Add(1)
+			a.logger().WithField("stream_id", r.streamID).WithField("frame_id", r.frameID).
+				WithField("stack", string(pe.stack)).Errorf("%v", err)
+		} else {
+			a.stats.handlerErrors.Add(1)
+			a.logger().WithField("stream_id", r.streamID).WithField("frame_id", r.frameID).
+				WithError(err).Error("spoe: handler failed")
+		}
+		if name := a.errorVar(); name != "" {
+			_ = w.SetBool(VarScopeTransaction, name, true)
+		}
+	}
+	if w.err != nil {
+		a.stats.actionsRefused.Add(uint64(w.refused))
+		a.logger().WithField("stream_id", r.streamID).WithField("frame_id", r.frameID).
+			WithField("refused", w.refused).WithError(w.err).Error("spoe: actions left out of the ACK")
+	}
+}
+
+// Interface returns the value as the Go value the simple API uses (see
+// Message), copying what the frame holds.
+func (v Value) Interface() interface{} {
+	switch v.typ {
+	case TypeBool:
+		return v.num != 0
+	case TypeInt32:
+		return int32(v.num)
+	case TypeUint32:
+		return uint32(v.num)
+	case TypeInt64:
+		return int64(v.num)
+	case TypeUint64:
+		return v.num
+	case TypeIPv4, TypeIPv6:
+		return net.IP(append([]byte(nil), v.data...))
+	case TypeString:
+		return string(v.data)
+	case TypeBinary:
+		return append([]byte{}, v.data...)
+	}
+	return nil
+}
