@@ -188,6 +188,7 @@ func (c *conn) handshake() error {
 	c.out.b = hello[:0]
 	if h.healthcheck {
 		a.stats.healthchecks.Add(1)
+		a.stats.framesOut[frameStat(frameAgentHello)].Add(1)
 		if err := c.write(hello); err != nil {
 			return err
 		}
@@ -198,6 +199,7 @@ func (c *conn) handshake() error {
 		c.engine = a.engines.join(h.engineID, c)
 	}
 	c.handshaken = true
+	a.stats.framesOut[frameStat(frameAgentHello)].Add(1)
 	return c.write(hello)
 }
 
@@ -316,8 +318,7 @@ func (c *conn) onDisconnect(f *frame) error {
 	if err != nil {
 		return err
 	}
-	a := c.agent
-	a.stats.countDisconnect(d.status, true)
+	c.agent.stats.countDisconnect(d.status, true)
 	entry := c.log().WithField("status", uint32(d.status)).WithField("message", d.message)
 	if d.status == StatusNormal || d.status == StatusTimeout {
 		entry.Debug("spoe: HAProxy closed the connection")
@@ -325,8 +326,7 @@ func (c *conn) onDisconnect(f *frame) error {
 		entry.Warn("spoe: HAProxy closed the connection on an error")
 	}
 	c.flush()
-	_ = c.write(appendAgentDisconnect(c.outBuf(), d.status, d.status.String()))
-	c.out.b = c.out.b[:0]
+	c.disconnect(d.status, d.status.String())
 	return errPeerClosed
 }
 
@@ -730,6 +730,7 @@ func (c *conn) closeWrite() {
 // disconnect sends AGENT-DISCONNECT after everything already queued.
 func (c *conn) disconnect(s Status, msg string) {
 	c.agent.stats.countDisconnect(s, false)
+	c.agent.stats.framesOut[frameStat(frameAgentDisconnect)].Add(1)
 	_ = c.write(appendAgentDisconnect(c.outBuf(), s, msg))
 	c.out.b = c.out.b[:0]
 }

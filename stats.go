@@ -76,3 +76,101 @@ func (s *stats) observeHandler(d time.Duration) {
 	}
 	s.handlerLatency[i].Add(1)
 }
+
+// Stats is a snapshot of an agent's counters, from Agent.Stats.
+type Stats struct {
+	ConnsOpen  int64  // connections open now
+	ConnsTotal uint64 // connections accepted
+
+	FramesIn  FrameCounts // frames received, by type
+	FramesOut FrameCounts // frames sent, by type
+	Writes    uint64      // write calls: frames sent together share one
+
+	Healthchecks   uint64 // health-check HELLOs answered
+	InFlight       int64  // NOTIFY frames being handled now
+	HandlerErrors  uint64 // handler calls that returned an error
+	HandlerPanics  uint64 // handler calls that panicked
+	ActionsRefused uint64 // actions left out of an ACK (bad name, value or size)
+	ACKsDropped    uint64 // ACKs that found no connection to leave on
+	ACKsRerouted   uint64 // ACKs sent on another connection of their engine (async)
+	Rescues        uint64 // handlers that outlasted the inline budget
+	ProtocolErrors uint64 // connections closed for a protocol error
+	NotifyTooBig   uint64 // fragmented NOTIFYs aborted for their size
+
+	// DisconnectsIn counts HAProxy's DISCONNECT frames by status code;
+	// DisconnectsOut the agent's.
+	DisconnectsIn  map[Status]uint64
+	DisconnectsOut map[Status]uint64
+
+	// HandlerLatency counts handler calls by duration: each bucket holds
+	// the calls that took less than its UpperBound and at least the
+	// previous bucket's. The last bucket's UpperBound is 0: no bound.
+	HandlerLatency []LatencyBucket
+}
+
+// FrameCounts counts frames by type.
+type FrameCounts struct {
+	Unset, HAProxyHello, HAProxyDisconnect, Notify uint64
+	AgentHello, AgentDisconnect, ACK               uint64
+	Other                                          uint64
+}
+
+// LatencyBucket is one bucket of Stats.HandlerLatency.
+type LatencyBucket struct {
+	UpperBound time.Duration
+	Count      uint64
+}
+
+func frameCounts(c *[numFrameStats]atomic.Uint64) FrameCounts {
+	return FrameCounts{
+		Unset: c[0].Load(), HAProxyHello: c[1].Load(), HAProxyDisconnect: c[2].Load(), Notify: c[3].Load(),
+		AgentHello: c[4].Load(), AgentDisconnect: c[5].Load(), ACK: c[6].Load(), Other: c[7].Load(),
+	}
+}
+
+func statusCounts(c *[numStatusStats]atomic.Uint64) map[Status]uint64 {
+	m := make(map[Status]uint64)
+	for i := range c {
+		if n := c[i].Load(); n > 0 {
+			s := Status(i)
+			if i == numStatusStats-1 {
+				s = StatusUnknown
+			}
+			m[s] = n
+		}
+	}
+	return m
+}
+
+// Stats returns a snapshot of the agent's counters. It may be called at
+// any time, from any goroutine.
+func (a *Agent) Stats() Stats {
+	s := &a.stats
+	st := Stats{
+		ConnsOpen:      s.connsOpen.Load(),
+		ConnsTotal:     s.connsTotal.Load(),
+		FramesIn:       frameCounts(&s.framesIn),
+		FramesOut:      frameCounts(&s.framesOut),
+		Writes:         s.writes.Load(),
+		Healthchecks:   s.healthchecks.Load(),
+		InFlight:       a.inflight.Load(),
+		HandlerErrors:  s.handlerErrors.Load(),
+		HandlerPanics:  s.handlerPanics.Load(),
+		ActionsRefused: s.actionsRefused.Load(),
+		ACKsDropped:    s.acksDropped.Load(),
+		ACKsRerouted:   s.acksRerouted.Load(),
+		Rescues:        s.rescues.Load(),
+		ProtocolErrors: s.protocolErrors.Load(),
+		NotifyTooBig:   s.notifyTooBig.Load(),
+		DisconnectsIn:  statusCounts(&s.disconnectsIn),
+		DisconnectsOut: statusCounts(&s.disconnectsOut),
+	}
+	st.HandlerLatency = make([]LatencyBucket, latencyBuckets)
+	for i := range st.HandlerLatency {
+		if i < latencyBuckets-1 {
+			st.HandlerLatency[i].UpperBound = time.Duration(1<<i) * time.Microsecond
+		}
+		st.HandlerLatency[i].Count = s.handlerLatency[i].Load()
+	}
+	return st
+}
