@@ -1,0 +1,164 @@
+package spoe
+
+import (
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+func TestParseGoldenHellos(t *testing.T) {
+	tests := []struct {
+		version, name string
+		caps          capabilities
+		engineID      string
+		healthcheck   bool
+	}{
+		{"2.6.12", "haproxy-hello.bin", capPipelining | capAsync, "fd8efb6b-f040-467f-a827-f1eecdc3803a", false},
+		{"2.6.12", "haproxy-hello-healthcheck.bin", 0, "", true},
+		{"3.5-dev5", "haproxy-hello.bin", capPipelining, "6b2f9cd5-3bac-445d-b443-dd68c17680e2", false},
+		{"3.5-dev5", "haproxy-hello-healthcheck.bin", 0, "", true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.version+"/"+tt.name, func(t *testing.T) {
+			f := goldenFrame(t, tt.version, tt.name)
+			h, err := parseHAProxyHello(f.payload)
+			require.NoError(t, err)
+			assert.Equal(t, uint64(16380), h.maxFrameSize)
+			assert.Equal(t, tt.caps, h.caps)
+			assert.Equal(t, tt.engineID, h.engineID)
+			assert.Equal(t, tt.healthcheck, h.healthcheck)
+		})
+	}
+}
+
+// helloPayload builds a HAPROXY-HELLO payload from key/value pairs.
+func helloPayload(kvs ...interface{}) []byte {
+	var b []byte
+	for i := 0; i < len(kvs); i += 2 {
+		b = appendName(b, kvs[i].(string))
+		var err error
+		if b, err = appendAnyValue(b, kvs[i+1]); err != nil {
+			panic(err)
+		}
+	}
+	return b
+}
+
+func TestParseHelloErrors(t *testing.T) {
+	tests := []struct {
+		name    string
+		payload []byte
+		status  Status
+	}{
+		{"no version", helloPayload("max-frame-size", uint32(16380)), StatusNoVersion},
+		{"version 1.0", helloPayload("supported-versions", "1.0", "max-frame-size", uint32(16380)), StatusUnsupportedVersion},
+		{"version 3.0", helloPayload("supported-versions", "3.0", "max-frame-size", uint32(16380)), StatusUnsupportedVersion},
+		{"version abc", helloPayload("supported-versions", "abc", "max-frame-size", uint32(16380)), StatusUnsupportedVersion},
+		{"version 2.1", helloPayload("supported-versions", "2.1", "max-frame-size", uint32(16380)), StatusUnsupportedVersion},
+		{"version not a string", helloPayload("supported-versions", int64(2), "max-frame-size", uint32(16380)), StatusInvalidFrame},
+		{"no max-frame-size", helloPayload("supported-versions", "2.0"), StatusNoFrameSize},
+		{"max-frame-size 255", helloPayload("supported-versions", "2.0", "max-frame-size", uint32(255)), StatusBadFrameSize},
+		{"max-frame-size 0", helloPayload("supported-versions", "2.0", "max-frame-size", uint32(0)), StatusBadFrameSize},
+		{"max-frame-size negative", helloPayload("supported-versions", "2.0", "max-frame-size", int64(-1)), StatusInvalidFrame},
+		{"max-frame-size a string", helloPayload("supported-versions", "2.0", "max-frame-size", "16380"), StatusInvalidFrame},
+		{"capabilities not a string", helloPayload("supported-versions", "2.0", "max-frame-size", uint32(16380), "capabilities", true), StatusInvalidFrame},
+		{"engine-id not a string", helloPayload("supported-versions", "2.0", "max-frame-size", uint32(16380), "engine-id", int64(1)), StatusInvalidFrame},
+		{"healthcheck not a bool", helloPayload("supported-versions", "2.0", "max-frame-size", uint32(16380), "healthcheck", "yes"), StatusInvalidFrame},
+		{"truncated", helloPayload("supported-versions", "2.0")[:10], StatusInvalidFrame},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := parseHAProxyHello(tt.payload)
+			require.Error(t, err)
+			assert.Equal(t, tt.status, statusOf(err), "%v", err)
+		})
+	}
+}
+
+func TestParseHelloAccepts(t *testing.T) {
+	// Keys in any order, unknown keys skipped, any integer type for the
+	// size, optional keys absent, version lists and spellings HAProxy's
+	// parser takes.
+	for _, p := range [][]byte{
+		helloPayload("max-frame-size", uint64(300), "x-unknown", []byte{1}, "supported-versions", "2.0"),
+		helloPayload("supported-versions", " 2.0", "max-frame-size", int64(300)),
+		helloPayload("supported-versions", "1.0, 2.00", "max-frame-size", uint32(300)),
+		helloPayload("supported-versions", "2.0", "max-frame-size", uint32(300), "capabilities", "", "healthcheck", false),
+	} {
+		h, err := parseHAProxyHello(p)
+		require.NoError(t, err)
+		assert.Equal(t, uint64(300), h.maxFrameSize)
+		assert.Empty(t, h.engineID)
+		assert.Zero(t, h.caps)
+	}
+}
+
+func TestParseCapabilities(t *testing.T) {
+	tests := map[string]capabilities{
+		"":                               0,
+		"pipelining":                     capPipelining,
+		"pipelining,async":               capPipelining | capAsync,
+		"  async , pipelining":           capPipelining | capAsync,
+		"fragmentation":                  capFragmentation,
+		"Pipelining":                     0, // case matters
+		"pipeliningx,asyncx":             0, // a token ends at a comma or space
+		"pipelining extra,async":         capPipelining | capAsync,
+		"unknown,async,,":                capAsync,
+		"pipelining,async,fragmentation": capPipelining | capAsync | capFragmentation,
+	}
+	for s, want := range tests {
+		assert.Equal(t, want, parseCapabilities([]byte(s)), "%q", s)
+	}
+	assert.Equal(t, "pipelining,async,fragmentation", (capPipelining | capAsync | capFragmentation).String())
+	assert.Equal(t, "", capabilities(0).String())
+}
+
+func TestNegotiateFrameSize(t *testing.T) {
+	assert.Equal(t, 16380, negotiateFrameSize(16380, DefaultMaxFrameSize), "HAProxy's value when lower")
+	assert.Equal(t, 1000, negotiateFrameSize(16380, 1000), "the agent's limit when lower")
+	assert.Equal(t, DefaultMaxFrameSize, negotiateFrameSize(1<<40, DefaultMaxFrameSize), "a huge offer is capped")
+	assert.Equal(t, 256, negotiateFrameSize(16380, 10), "never below 256")
+}
+
+// TestAgentHelloGolden checks the AGENT-HELLO byte for byte against the
+// frame of SPOP.md §5.2, which HAProxy 2.6 and 3.x accepted.
+func TestAgentHelloGolden(t *testing.T) {
+	want := unhex(t, "00 00 00 46 65 00 00 00 01 00 00")
+	want = append(want, 7)
+	want = append(want, "version"...)
+	want = append(want, 8, 3)
+	want = append(want, "2.0"...)
+	want = append(want, 14)
+	want = append(want, "max-frame-size"...)
+	want = append(want, 3, 0xFC, 0xF0, 0x06, 12)
+	want = append(want, "capabilities"...)
+	want = append(want, 8, 16)
+	want = append(want, "pipelining,async"...)
+	assert.Equal(t, want, appendAgentHello(nil, 16380, capPipelining|capAsync))
+
+	// Empty capabilities are still sent: HAProxy 3.x's health check needs
+	// the key.
+	b := appendAgentHello(nil, 16380, 0)
+	f, err := parseFrame(b[lengthSize:])
+	require.NoError(t, err)
+	assert.Equal(t, frameAgentHello, f.typ)
+	assert.Equal(t, flagFin, f.flags)
+	var keys []string
+	for off := 0; off < len(f.payload); {
+		e, next, err := readKV(f.payload, off)
+		require.NoError(t, err)
+		keys = append(keys, string(e.key))
+		off = next
+	}
+	assert.Equal(t, []string{"version", "max-frame-size", "capabilities"}, keys)
+}
+
+func TestSupportsVersion20(t *testing.T) {
+	for s, want := range map[string]bool{
+		"2.0": true, " 2.0 ": true, "2.00": true, "1.0,2.0": true,
+		"2": false, "2.": false, "2.0.1": false, "2.1": false, "20": false, "": false, "abc": false,
+	} {
+		assert.Equal(t, want, supportsVersion20([]byte(s)), "%q", s)
+	}
+}
