@@ -81,6 +81,7 @@ type Client struct {
 	nextSID uint64
 	pending map[uint64]*clientCall
 	err     error // why the client stopped
+	closing bool  // Close was called: the agent's DISCONNECT is expected
 	done    chan struct{}
 }
 
@@ -361,7 +362,8 @@ func (c *Client) stop(err error) {
 	if c.err != nil {
 		return
 	}
-	if err == nil || isNormalEnd(err) {
+	var de *DisconnectError
+	if err == nil || isNormalEnd(err) || c.closing && errors.As(err, &de) && de.Status == StatusNormal {
 		err = ErrClientClosed
 	}
 	c.err = err
@@ -375,6 +377,9 @@ func (c *Client) Err() error { return c.stopErr() }
 // Close sends HAPROXY-DISCONNECT "normal", waits briefly for the agent's
 // AGENT-DISCONNECT, and closes the connection.
 func (c *Client) Close() error {
+	c.mu.Lock()
+	c.closing = true
+	c.mu.Unlock()
 	c.wmu.Lock()
 	b, start := appendFrameHeader(nil, frameHAProxyDisconnect, flagFin, 0, 0)
 	b = appendName(b, "status-code")
@@ -391,8 +396,7 @@ func (c *Client) Close() error {
 		}
 	}
 	c.stop(ErrClientClosed)
-	var de *DisconnectError
-	if err := c.stopErr(); err != ErrClientClosed && !(errors.As(err, &de) && de.Status == StatusNormal) {
+	if err := c.stopErr(); err != ErrClientClosed {
 		return err
 	}
 	return nil

@@ -21,6 +21,7 @@ import (
 	"context"
 	"encoding/binary"
 	"io"
+	"math"
 	"net"
 	"os"
 	"runtime"
@@ -352,13 +353,14 @@ func (c *conn) handle(streamID, frameID uint64, payload []byte) error {
 	ex.w.reset(ex.ack[:0], streamID, frameID, c.maxFrame, a.prefixLen())
 	in := c.in
 
+	if c.timer == nil {
+		// Made before the inline state is published: the rescue it runs
+		// takes the loop role, c.timer included.
+		c.timer = time.AfterFunc(math.MaxInt64, c.rescue)
+	}
 	epoch := c.state.Load()
 	c.state.Store(epoch | stateInline)
-	if c.timer == nil {
-		c.timer = time.AfterFunc(inlineBudget, c.rescue)
-	} else {
-		c.timer.Reset(inlineBudget)
-	}
+	c.timer.Reset(inlineBudget)
 	a.serveNotify(&ex.w, &ex.req)
 	ack := ex.w.finish()
 	ex.ack = ack[:0]

@@ -1,0 +1,829 @@
+package spoe
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"io"
+	"net"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/sirupsen/logrus"
+	"github.com/sirupsen/logrus/hooks/test"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// startAgent serves a on a loopback listener and returns its address. The
+// agent is closed, and Serve's return checked, when the test ends.
+func startAgent(t testing.TB, a *Agent) string {
+	t.Helper()
+	if a.Logger == nil {
+		l, _ := test.NewNullLogger()
+		l.SetLevel(logrus.DebugLevel)
+		a.Logger = l
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	served := make(chan error, 1)
+	go func() { served <- a.Serve(l) }()
+	t.Cleanup(func() {
+		_ = a.Close()
+		select {
+		case err := <-served:
+			assert.ErrorIs(t, err, ErrAgentClosed)
+		case <-time.After(5 * time.Second):
+			t.Error("Serve did not return after Close")
+		}
+	})
+	return l.Addr().String()
+}
+
+// dialAgent connects a Client with cfg.
+func dialAgent(t testing.TB, addr string, cfg ClientConfig) *Client {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := Dial(ctx, "tcp", addr, cfg)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = c.Close() })
+	return c
+}
+
+func notifyCtx(t testing.TB) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// rawPeer speaks SPOP frame by frame, for what the Client will not send.
+type rawPeer struct {
+	t  testing.TB
+	nc net.Conn
+}
+
+func dialRaw(t testing.TB, addr string) *rawPeer {
+	t.Helper()
+	nc, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	require.NoError(t, err)
+	t.Cleanup(func() { nc.Close() })
+	return &rawPeer{t: t, nc: nc}
+}
+
+func rawFrame(typ frameType, flags uint32, sid, fid uint64, payload []byte) []byte {
+	b, start := appendFrameHeader(nil, typ, flags, sid, fid)
+	b = append(b, payload...)
+	finishFrame(b, start)
+	return b
+}
+
+func (p *rawPeer) send(b []byte) {
+	p.t.Helper()
+	_, err := p.nc.Write(b)
+	require.NoError(p.t, err)
+}
+
+// hello sends a HAPROXY-HELLO and returns the AGENT-HELLO's keys.
+func (p *rawPeer) hello(caps, engineID string, maxFrame uint32) map[string]Value {
+	p.t.Helper()
+	kvs := []interface{}{"supported-versions", "2.0", "max-frame-size", maxFrame, "capabilities", caps}
+	if engineID != "" {
+		kvs = append(kvs, "engine-id", engineID)
+	}
+	p.send(rawFrame(frameHAProxyHello, flagFin, 0, 0, helloPayload(kvs...)))
+	f := p.next()
+	require.Equal(p.t, frameAgentHello, f.typ)
+	m := map[string]Value{}
+	for off := 0; off < len(f.payload); {
+		e, next, err := readKV(f.payload, off)
+		require.NoError(p.t, err)
+		m[string(e.key)] = e.value
+		off = next
+	}
+	return m
+}
+
+// next reads one frame from the agent.
+func (p *rawPeer) next() frame {
+	p.t.Helper()
+	f, err := p.tryNext()
+	require.NoError(p.t, err)
+	return f
+}
+
+func (p *rawPeer) tryNext() (frame, error) {
+	_ = p.nc.SetReadDeadline(time.Now().Add(10 * time.Second))
+	b, err := readFrame(p.nc, nil, 1<<20)
+	if err != nil {
+		return frame{}, err
+	}
+	return parseFrame(b)
+}
+
+// expectDisconnect reads an AGENT-DISCONNECT with that status, then the
+// connection's end.
+func (p *rawPeer) expectDisconnect(want Status) {
+	p.t.Helper()
+	f := p.next()
+	require.Equal(p.t, frameAgentDisconnect, f.typ, "expected AGENT-DISCONNECT")
+	assert.Equal(p.t, flagFin, f.flags)
+	d, err := parseDisconnect(f.payload)
+	require.NoError(p.t, err)
+	assert.Equal(p.t, want, d.status, "status (message %q)", d.message)
+	p.expectClosed()
+}
+
+// expectClosed closes the peer's side, as HAProxy does after the agent's
+// last frame, and reads until the agent closes the connection too.
+func (p *rawPeer) expectClosed() {
+	p.t.Helper()
+	_ = p.nc.(*net.TCPConn).CloseWrite()
+	_ = p.nc.SetReadDeadline(time.Now().Add(10 * time.Second))
+	n, err := io.Copy(io.Discard, p.nc)
+	if err != nil && !isNormalEnd(err) {
+		p.t.Fatalf("expected the agent to close, got %v", err)
+	}
+	assert.Zero(p.t, n, "no frame after the end")
+}
+
+func ipRep(ip net.IP) ClientMessage {
+	return ClientMessage{Name: "ip-rep", Args: []Arg{{"ip", ip}}}
+}
+
+// seedHandler is the design card's handler with a fixed reputation.
+func seedHandler(messages []Message) ([]Action, error) {
+	reputation := 0.0
+	for _, msg := range messages {
+		if msg.Name != "ip-rep" {
+			continue
+		}
+		ip, ok := msg.Args["ip"].(net.IP)
+		if !ok {
+			return nil, errors.New("expected ip in message")
+		}
+		reputation = float64(ip[len(ip)-1]) / 4
+	}
+	return []Action{ActionSetVar{Name: "reputation", Scope: VarScopeSession, Value: reputation}}, nil
+}
+
+func TestSeedHandlerRoundTrip(t *testing.T) {
+	addr := startAgent(t, New(seedHandler))
+	c := dialAgent(t, addr, ClientConfig{})
+	actions, err := c.Notify(notifyCtx(t), ipRep(net.IP{10, 0, 0, 3}))
+	require.NoError(t, err)
+	assert.Equal(t, []Action{ActionSetVar{Name: "reputation", Scope: VarScopeSession, Value: "0.75"}}, actions)
+}
+
+func TestHandshakeNegotiation(t *testing.T) {
+	a := &Agent{MaxFrameSize: 4096}
+	addr := startAgent(t, a)
+
+	p := dialRaw(t, addr)
+	h := p.hello("pipelining,async", "e1", 16380)
+	assert.True(t, h["version"].Equal("2.0"))
+	assert.Equal(t, TypeUint32, h["max-frame-size"].Type())
+	n, _ := h["max-frame-size"].Uint()
+	assert.Equal(t, uint64(4096), n, "the agent's limit when lower than HAProxy's")
+	assert.True(t, h["capabilities"].Equal("pipelining,async,fragmentation"))
+
+	p = dialRaw(t, addr)
+	h = p.hello("", "", 1000)
+	n, _ = h["max-frame-size"].Uint()
+	assert.Equal(t, uint64(1000), n, "HAProxy's when lower")
+	assert.True(t, h["capabilities"].Equal("fragmentation"), "nothing HAProxy did not offer, but fragmentation")
+
+	c := dialAgent(t, addr, ClientConfig{NoPipelining: true})
+	assert.Equal(t, "fragmentation", c.Capabilities())
+	_, err := c.Notify(notifyCtx(t), ipRep(net.IP{1, 2, 3, 4}))
+	assert.NoError(t, err, "sync connection")
+}
+
+func TestFastPathHandler(t *testing.T) {
+	a := &Agent{Handler: HandlerFunc(func(w *ActionWriter, r *Request) error {
+		for msgs := r.Messages(); msgs.Next(); {
+			if !msgs.NameIs("heavy") {
+				continue
+			}
+			host, _ := msgs.Arg("host")
+			b, _ := host.Bytes()
+			_ = w.SetStringBytes(VarScopeTransaction, "host", b)
+			_ = w.SetInt(VarScopeSession, "score", 100)
+			_ = w.SetBool(VarScopeTransaction, "ok", true)
+			_ = w.UnsetVar(VarScopeRequest, "old")
+		}
+		assert.NotEmpty(t, r.EngineID())
+		assert.Equal(t, uint64(1), r.FrameID())
+		return nil
+	})}
+	c := dialAgent(t, startAgent(t, a), ClientConfig{})
+	actions, err := c.Notify(notifyCtx(t), ClientMessage{Name: "heavy", Args: []Arg{{"host", "h1.example.com"}, {"n", int64(1)}}})
+	require.NoError(t, err)
+	assert.Equal(t, []Action{
+		ActionSetVar{Name: "host", Scope: VarScopeTransaction, Value: "h1.example.com"},
+		ActionSetVar{Name: "score", Scope: VarScopeSession, Value: int64(100)},
+		ActionSetVar{Name: "ok", Scope: VarScopeTransaction, Value: true},
+		ActionUnsetVar{Name: "old", Scope: VarScopeRequest},
+	}, actions)
+}
+
+// TestHandlerFailures: an error or a panic answers at once with the error
+// variable alone, is logged and counted.
+func TestHandlerFailures(t *testing.T) {
+	logger, hook := test.NewNullLogger()
+	a := &Agent{Logger: logger, VarPrefix: "p", Handler: HandlerFunc(func(w *ActionWriter, r *Request) error {
+		_ = w.SetBool(VarScopeTransaction, "partial", true)
+		msgs := r.Messages()
+		msgs.Next()
+		switch {
+		case msgs.NameIs("fail"):
+			return errors.New("lookup failed")
+		case msgs.NameIs("panic"):
+			panic("boom")
+		case msgs.NameIs("badname"):
+			return w.SetBool(VarScopeTransaction, "bad-name", true)
+		}
+		return nil
+	})}
+	c := dialAgent(t, startAgent(t, a), ClientConfig{})
+	ctx := notifyCtx(t)
+	errVar := []Action{ActionSetVar{Name: "error", Scope: VarScopeTransaction, Value: true}}
+
+	actions, err := c.Notify(ctx, ClientMessage{Name: "fail"})
+	require.NoError(t, err)
+	assert.Equal(t, errVar, actions)
+	actions, err = c.Notify(ctx, ClientMessage{Name: "panic"})
+	require.NoError(t, err)
+	assert.Equal(t, errVar, actions)
+	actions, err = c.Notify(ctx, ClientMessage{Name: "ok"})
+	require.NoError(t, err, "the connection goes on after a panic")
+	assert.Equal(t, []Action{ActionSetVar{Name: "partial", Scope: VarScopeTransaction, Value: true}}, actions)
+	// A refused action: the handler returned its error, so the frame failed.
+	actions, err = c.Notify(ctx, ClientMessage{Name: "badname"})
+	require.NoError(t, err)
+	assert.Equal(t, errVar, actions)
+
+	st := a.Stats()
+	assert.Equal(t, uint64(2), st.HandlerErrors)
+	assert.Equal(t, uint64(1), st.HandlerPanics)
+	var sawStack, sawError bool
+	for _, e := range hook.AllEntries() {
+		if e.Level == logrus.ErrorLevel && strings.Contains(e.Message, "boom") {
+			sawStack = strings.Contains(e.Data["stack"].(string), "agent_test.go")
+		}
+		if e.Level == logrus.ErrorLevel && e.Data[logrus.ErrorKey] != nil && strings.Contains(e.Data[logrus.ErrorKey].(error).Error(), "lookup failed") {
+			sawError = true
+		}
+	}
+	assert.True(t, sawStack, "panic logged with its stack")
+	assert.True(t, sawError, "error logged")
+}
+
+// TestRefusedActionsReported: actions HAProxy would drop are left out,
+// logged and counted; the others still go.
+func TestRefusedActionsReported(t *testing.T) {
+	logger, hook := test.NewNullLogger()
+	a := New(func([]Message) ([]Action, error) {
+		return []Action{
+			ActionSetVar{Name: "ip-score", Scope: VarScopeSession, Value: 1},
+			ActionSetVar{Name: "nan", Scope: VarScopeSession, Value: struct{}{}},
+			ActionSetVar{Name: "good", Scope: VarScopeSession, Value: 2},
+		}, nil
+	})
+	a.Logger = logger
+	c := dialAgent(t, startAgent(t, a), ClientConfig{})
+	actions, err := c.Notify(notifyCtx(t), ClientMessage{Name: "m"})
+	require.NoError(t, err)
+	assert.Equal(t, []Action{ActionSetVar{Name: "good", Scope: VarScopeSession, Value: int64(2)}}, actions)
+	assert.Equal(t, uint64(2), a.Stats().ActionsRefused)
+	var logged bool
+	for _, e := range hook.AllEntries() {
+		if e.Level == logrus.ErrorLevel && errors.Is(e.Data[logrus.ErrorKey].(error), ErrVarName) {
+			logged = true
+		}
+	}
+	assert.True(t, logged)
+}
+
+func TestErrorVarSettings(t *testing.T) {
+	fail := HandlerFunc(func(*ActionWriter, *Request) error { return errors.New("x") })
+	c := dialAgent(t, startAgent(t, &Agent{Handler: fail, ErrorVar: "spoe_failed"}), ClientConfig{})
+	actions, err := c.Notify(notifyCtx(t), ClientMessage{Name: "m"})
+	require.NoError(t, err)
+	assert.Equal(t, []Action{ActionSetVar{Name: "spoe_failed", Scope: VarScopeTransaction, Value: true}}, actions)
+
+	c = dialAgent(t, startAgent(t, &Agent{Handler: fail, ErrorVar: "-"}), ClientConfig{})
+	actions, err = c.Notify(notifyCtx(t), ClientMessage{Name: "m"})
+	require.NoError(t, err)
+	assert.Empty(t, actions, "turned off: an empty ACK, still at once")
+}
+
+// TestPipelinedConcurrency: frames of one connection are handled
+// concurrently: every handler waits until all are running.
+func TestPipelinedConcurrency(t *testing.T) {
+	const n = 20
+	var running sync.WaitGroup
+	running.Add(n)
+	a := &Agent{Handler: HandlerFunc(func(w *ActionWriter, r *Request) error {
+		running.Done()
+		running.Wait()
+		return w.SetInt(VarScopeTransaction, "sid", int64(r.StreamID()))
+	})}
+	c := dialAgent(t, startAgent(t, a), ClientConfig{})
+	ctx := notifyCtx(t)
+	var wg sync.WaitGroup
+	for i := 0; i < n; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			actions, err := c.Notify(ctx, ClientMessage{Name: "m"})
+			assert.NoError(t, err)
+			assert.Len(t, actions, 1)
+		}()
+	}
+	wg.Wait()
+	st := a.Stats()
+	assert.Equal(t, int64(1), int64(st.ConnsTotal))
+	assert.GreaterOrEqual(t, st.Rescues, uint64(n-1), "every blocked handler was rescued")
+}
+
+// TestACKsMatchTheirFrames: under pipelining with handlers of varied
+// speed, each ACK carries its own frame's ids and values.
+func TestACKsMatchTheirFrames(t *testing.T) {
+	a := &Agent{Handler: HandlerFunc(func(w *ActionWriter, r *Request) error {
+		msgs := r.Messages()
+		msgs.Next()
+		v, _ := msgs.Arg("n")
+		n, _ := v.Int()
+		if n%7 == 0 {
+			time.Sleep(time.Duration(n%5) * time.Millisecond) // a slow lookup
+		}
+		return w.SetInt(VarScopeTransaction, "n", n)
+	})}
+	c := dialAgent(t, startAgent(t, a), ClientConfig{})
+	ctx := notifyCtx(t)
+	var wg sync.WaitGroup
+	for g := 0; g < 8; g++ {
+		wg.Add(1)
+		go func(g int) {
+			defer wg.Done()
+			for i := 0; i < 200; i++ {
+				n := int64(g*1000 + i)
+				actions, err := c.Notify(ctx, ClientMessage{Name: "m", Args: []Arg{{"n", n}}})
+				if !assert.NoError(t, err) {
+					return
+				}
+				assert.Equal(t, []Action{ActionSetVar{Name: "n", Scope: VarScopeTransaction, Value: n}}, actions)
+			}
+		}(g)
+	}
+	wg.Wait()
+}
+
+// TestCoalescedWrites: ACKs of frames read together leave in one write.
+func TestCoalescedWrites(t *testing.T) {
+	a := New(seedHandler)
+	p := dialRaw(t, startAgent(t, a))
+	p.hello("pipelining", "e", 16380)
+	writes := a.Stats().Writes
+	payload, err := appendMessages(nil, []ClientMessage{ipRep(net.IP{1, 1, 1, 1})})
+	require.NoError(t, err)
+	var batch []byte
+	for sid := uint64(1); sid <= 50; sid++ {
+		batch = append(batch, rawFrame(frameNotify, flagFin, sid, 1, payload)...)
+	}
+	p.send(batch)
+	seen := map[uint64]bool{}
+	for len(seen) < 50 {
+		f := p.next()
+		require.Equal(t, frameAck, f.typ)
+		seen[f.streamID] = true
+	}
+	w := a.Stats().Writes - writes
+	t.Logf("50 ACKs in %d writes", w)
+	assert.Less(t, w, uint64(10), "ACKs of one read share a write")
+}
+
+func TestHealthCheck(t *testing.T) {
+	a := New(seedHandler)
+	addr := startAgent(t, a)
+	for _, version := range goldenVersions {
+		p := dialRaw(t, addr)
+		p.send(golden(t, version, "haproxy-hello-healthcheck.bin"))
+		f := p.next()
+		require.Equal(t, frameAgentHello, f.typ)
+		assert.Equal(t, flagFin, f.flags, "3.x demands flags exactly FIN")
+		assert.Zero(t, f.streamID)
+		assert.Zero(t, f.frameID)
+		p.expectClosed()
+	}
+	assert.Equal(t, uint64(2), a.Stats().Healthchecks)
+	assert.Zero(t, a.Stats().ProtocolErrors)
+}
+
+// TestGoldenSession replays real HAProxy frames: HELLO, NOTIFYs, DISCONNECT.
+func TestGoldenSession(t *testing.T) {
+	for _, version := range goldenVersions {
+		t.Run(version, func(t *testing.T) {
+			var got []string
+			var mu sync.Mutex
+			a := New(func(messages []Message) ([]Action, error) {
+				mu.Lock()
+				defer mu.Unlock()
+				for _, m := range messages {
+					got = append(got, m.Name)
+				}
+				return nil, nil
+			})
+			p := dialRaw(t, startAgent(t, a))
+			p.send(golden(t, version, "haproxy-hello.bin"))
+			require.Equal(t, frameAgentHello, p.next().typ)
+			for _, name := range []string{"notify-ip-rep.bin", "notify-echo.bin", "notify-m_one-3msgs.bin"} {
+				b := golden(t, version, name)
+				f, err := parseFrame(b[lengthSize:])
+				require.NoError(t, err)
+				p.send(b)
+				ack := p.next()
+				assert.Equal(t, frameAck, ack.typ)
+				assert.Equal(t, flagFin, ack.flags)
+				assert.Equal(t, f.streamID, ack.streamID, "stream-id echoed")
+				assert.Equal(t, f.frameID, ack.frameID, "frame-id echoed")
+				assert.Empty(t, ack.payload)
+			}
+			assert.Equal(t, []string{"ip-rep", "echo", "m_one", "m_two", "m_three"}, got)
+			disc := "haproxy-disconnect-status0.bin"
+			want := StatusNormal
+			if version != "2.6.12" {
+				disc, want = "haproxy-disconnect-status8.bin", StatusUnsupportedVersion
+			}
+			p.send(golden(t, version, disc))
+			p.expectDisconnect(want) // echoes HAProxy's status
+		})
+	}
+}
+
+// TestProtocolErrors: each malformed input gets its AGENT-DISCONNECT status
+// and a close, or is ignored, and another connection is unaffected.
+func TestProtocolErrors(t *testing.T) {
+	notify := func(sid uint64) []byte {
+		payload, _ := appendMessages(nil, []ClientMessage{ipRep(net.IP{1, 2, 3, 4})})
+		return rawFrame(frameNotify, flagFin, sid, 1, payload)
+	}
+	length := func(n uint32) []byte { return binary.BigEndian.AppendUint32(nil, n) }
+	tests := []struct {
+		name      string
+		handshake bool   // send a HELLO first
+		send      []byte // then these bytes
+		status    Status // the expected AGENT-DISCONNECT status
+		ignored   bool   // or: ignored, the connection goes on
+	}{
+		{"zero length", false, length(0), StatusInvalidFrame, false},
+		{"length above max-frame-size", true, append(length(16381), 3), StatusFrameTooBig, false},
+		{"4 GiB length", true, length(0xFFFFFFFF), StatusFrameTooBig, false},
+		{"NOTIFY before HELLO", false, notify(1), StatusInvalidFrame, false},
+		{"second HELLO", true, rawFrame(frameHAProxyHello, flagFin, 0, 0, helloPayload("supported-versions", "2.0", "max-frame-size", uint32(16380))), StatusInvalidFrame, false},
+		{"HELLO without version", false, rawFrame(frameHAProxyHello, flagFin, 0, 0, helloPayload("max-frame-size", uint32(16380))), StatusNoVersion, false},
+		{"HELLO without max-frame-size", false, rawFrame(frameHAProxyHello, flagFin, 0, 0, helloPayload("supported-versions", "2.0")), StatusNoFrameSize, false},
+		{"HELLO version 1.0", false, rawFrame(frameHAProxyHello, flagFin, 0, 0, helloPayload("supported-versions", "1.0", "max-frame-size", uint32(16380))), StatusUnsupportedVersion, false},
+		{"HELLO max-frame-size 255", false, rawFrame(frameHAProxyHello, flagFin, 0, 0, helloPayload("supported-versions", "2.0", "max-frame-size", uint32(255))), StatusBadFrameSize, false},
+		{"HELLO with ids", false, rawFrame(frameHAProxyHello, flagFin, 1, 0, helloPayload("supported-versions", "2.0", "max-frame-size", uint32(16380))), StatusInvalidFrame, false},
+		{"HELLO without FIN", false, rawFrame(frameHAProxyHello, 0, 0, 0, helloPayload("supported-versions", "2.0", "max-frame-size", uint32(16380))), StatusFragmentationNotSupported, false},
+		{"eleven-byte varint id", true, append(length(17), unhex(t, "03 00 00 00 01 FF FF FF FF FF FF FF FF FF FF 00 00")...), StatusInvalidFrame, false},
+		{"string past the frame", true, rawFrame(frameNotify, flagFin, 1, 1, unhex(t, "01 6D 01 01 61 08 10 61")), StatusInvalidFrame, false},
+		{"nb-args larger than present", true, rawFrame(frameNotify, flagFin, 1, 1, unhex(t, "01 6D 03 01 61 04 01")), StatusInvalidFrame, false},
+		{"unknown type byte", true, rawFrame(frameNotify, flagFin, 1, 1, unhex(t, "01 6D 01 01 61 0C")), StatusInvalidFrame, false},
+		{"agent frame type from the peer", true, rawFrame(frameAck, flagFin, 1, 1, nil), StatusInvalidFrame, false},
+		{"unknown frame type", true, rawFrame(frameType(42), flagFin, 1, 1, []byte("xyz")), 0, true},
+		{"UNSET with no NOTIFY", true, rawFrame(frameUnset, flagFin, 1, 1, []byte("x")), 0, true},
+		{"interlaced NOTIFY during fragments", true, append(rawFrame(frameNotify, 0, 1, 1, []byte{1, 'm'}), notify(2)...), StatusInterlacedFrames, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			a := New(seedHandler)
+			addr := startAgent(t, a)
+			other := dialAgent(t, addr, ClientConfig{})
+			p := dialRaw(t, addr)
+			if tt.handshake {
+				p.hello("pipelining", "e", 16380)
+			}
+			p.send(tt.send)
+			if tt.ignored {
+				p.send(notify(7))
+				f := p.next()
+				assert.Equal(t, frameAck, f.typ, "the connection goes on")
+				assert.Equal(t, uint64(7), f.streamID)
+			} else {
+				p.expectDisconnect(tt.status)
+			}
+			_, err := other.Notify(notifyCtx(t), ipRep(net.IP{1, 1, 1, 1}))
+			assert.NoError(t, err, "another connection is unaffected")
+		})
+	}
+}
+
+func TestFragmentedNotify(t *testing.T) {
+	var got atomic.Value
+	a := &Agent{MaxFrameSize: 256, Handler: HandlerFunc(func(w *ActionWriter, r *Request) error {
+		msgs := r.Messages()
+		msgs.Next()
+		v, _ := msgs.Arg("big")
+		b, _ := v.Bytes()
+		got.Store(string(b))
+		return w.SetInt(VarScopeTransaction, "len", int64(len(b)))
+	})}
+	c := dialAgent(t, startAgent(t, a), ClientConfig{FragmentSize: 100})
+	require.Equal(t, 256, c.MaxFrameSize())
+	big := strings.Repeat("0123456789", 100)
+	actions, err := c.Notify(notifyCtx(t), ClientMessage{Name: "m", Args: []Arg{{"big", big}, {"after", true}}})
+	require.NoError(t, err)
+	assert.Equal(t, []Action{ActionSetVar{Name: "len", Scope: VarScopeTransaction, Value: int64(1000)}}, actions)
+	assert.Equal(t, big, got.Load())
+	assert.Greater(t, a.Stats().FramesIn.Unset, uint64(5))
+}
+
+func TestFragmentAbort(t *testing.T) {
+	calls := 0
+	a := New(func([]Message) ([]Action, error) { calls++; return nil, nil })
+	p := dialRaw(t, startAgent(t, a))
+	p.hello("pipelining", "e", 16380)
+	p.send(rawFrame(frameNotify, 0, 9, 1, []byte{1, 'm', 1, 1, 'a', 8, 20, 'x'}))
+	p.send(rawFrame(frameUnset, flagFin|flagAbort, 9, 1, nil))
+	payload, _ := appendMessages(nil, []ClientMessage{{Name: "n"}})
+	p.send(rawFrame(frameNotify, flagFin, 10, 1, payload))
+	f := p.next()
+	assert.Equal(t, uint64(10), f.streamID, "no ACK for the aborted NOTIFY")
+	assert.Equal(t, 1, calls)
+}
+
+func TestFragmentsWithoutCapability(t *testing.T) {
+	// The agent always announces fragmentation; a NOTIFY without FIN is
+	// only an error on a connection that did not negotiate it, which the
+	// agent never produces. Here the frame without FIN is a fragment: its
+	// continuation then finishes it.
+	a := New(func(msgs []Message) ([]Action, error) {
+		return []Action{ActionSetVar{Name: "n", Scope: VarScopeTransaction, Value: msgs[0].Args["a"]}}, nil
+	})
+	p := dialRaw(t, startAgent(t, a))
+	p.hello("", "", 16380)
+	full, _ := appendMessages(nil, []ClientMessage{{Name: "m", Args: []Arg{{"a", "split here"}}}})
+	p.send(rawFrame(frameNotify, 0, 3, 1, full[:8]))
+	p.send(rawFrame(frameUnset, flagFin, 3, 1, full[8:]))
+	f := p.next()
+	actions, err := decodeActions(f.payload)
+	require.NoError(t, err)
+	assert.Equal(t, []Action{ActionSetVar{Name: "n", Scope: VarScopeTransaction, Value: "split here"}}, actions)
+}
+
+// TestAsyncACKOnSibling: with async, the ACK of a frame whose connection
+// closed leaves on another connection of the same engine, never on another
+// engine's.
+func TestAsyncACKOnSibling(t *testing.T) {
+	release := make(chan struct{})
+	started := make(chan struct{}, 1)
+	a := &Agent{Handler: HandlerFunc(func(w *ActionWriter, r *Request) error {
+		msgs := r.Messages()
+		msgs.Next()
+		if msgs.NameIs("slow") {
+			started <- struct{}{}
+			<-release
+		}
+		return w.SetInt(VarScopeTransaction, "sid", int64(r.StreamID()))
+	})}
+	addr := startAgent(t, a)
+	origin := dialRaw(t, addr)
+	origin.hello("pipelining,async", "engine-A", 16380)
+	sibling := dialRaw(t, addr)
+	sibling.hello("pipelining,async", "engine-A", 16380)
+	stranger := dialRaw(t, addr)
+	stranger.hello("pipelining,async", "engine-B", 16380)
+
+	slow, _ := appendMessages(nil, []ClientMessage{{Name: "slow"}})
+	origin.send(rawFrame(frameNotify, flagFin, 77, 3, slow))
+	<-started
+	origin.nc.Close()
+	waitFor(t, func() bool { return a.engines.lookup("engine-A") == 1 }, "origin left its engine")
+	close(release)
+	f := sibling.next()
+	assert.Equal(t, frameAck, f.typ)
+	assert.Equal(t, uint64(77), f.streamID)
+	assert.Equal(t, uint64(3), f.frameID)
+	assert.Equal(t, uint64(1), a.Stats().ACKsRerouted)
+
+	quick, _ := appendMessages(nil, []ClientMessage{{Name: "quick"}})
+	stranger.send(rawFrame(frameNotify, flagFin, 5, 1, quick))
+	f = stranger.next()
+	assert.Equal(t, uint64(5), f.streamID, "the other engine saw nothing of engine-A's ACK")
+}
+
+// TestNoRerouteWithoutAsync: without async the ACK of a dead connection is
+// dropped, not sent on another connection.
+func TestNoRerouteWithoutAsync(t *testing.T) {
+	release := make(chan struct{})
+	started := make(chan struct{}, 1)
+	a := &Agent{Handler: HandlerFunc(func(w *ActionWriter, r *Request) error {
+		msgs := r.Messages()
+		msgs.Next()
+		if msgs.NameIs("slow") {
+			started <- struct{}{}
+			<-release
+		}
+		return nil
+	})}
+	addr := startAgent(t, a)
+	origin := dialRaw(t, addr)
+	origin.hello("pipelining", "engine-A", 16380)
+	sibling := dialRaw(t, addr)
+	sibling.hello("pipelining", "engine-A", 16380)
+	slow, _ := appendMessages(nil, []ClientMessage{{Name: "slow"}})
+	origin.send(rawFrame(frameNotify, flagFin, 77, 3, slow))
+	<-started
+	origin.nc.Close()
+	waitFor(t, func() bool { return a.engines.lookup("engine-A") == 1 }, "origin left its engine")
+	close(release)
+	waitFor(t, func() bool { return a.Stats().ACKsDropped == 1 }, "the ACK dropped")
+	quick, _ := appendMessages(nil, []ClientMessage{{Name: "quick"}})
+	sibling.send(rawFrame(frameNotify, flagFin, 5, 1, quick))
+	assert.Equal(t, uint64(5), sibling.next().streamID, "first frame on the sibling is its own ACK")
+}
+
+// TestContextCancelledOnDrop: a handler's context ends when its connection
+// drops.
+func TestContextCancelledOnDrop(t *testing.T) {
+	done := make(chan error, 1)
+	started := make(chan struct{})
+	a := &Agent{Handler: HandlerFunc(func(w *ActionWriter, r *Request) error {
+		ctx := r.Context()
+		close(started)
+		<-ctx.Done()
+		done <- ctx.Err()
+		return nil
+	})}
+	p := dialRaw(t, startAgent(t, a))
+	p.hello("pipelining", "e", 16380)
+	payload, _ := appendMessages(nil, []ClientMessage{{Name: "m"}})
+	p.send(rawFrame(frameNotify, flagFin, 1, 1, payload))
+	<-started
+	p.nc.Close()
+	select {
+	case err := <-done:
+		assert.ErrorIs(t, err, context.Canceled)
+	case <-time.After(10 * time.Second):
+		t.Fatal("context not cancelled")
+	}
+}
+
+func TestShutdownGraceful(t *testing.T) {
+	release := make(chan struct{})
+	started := make(chan struct{}, 1)
+	a := &Agent{Handler: HandlerFunc(func(w *ActionWriter, r *Request) error {
+		msgs := r.Messages()
+		msgs.Next()
+		if msgs.NameIs("slow") {
+			started <- struct{}{}
+			<-release
+		}
+		return w.SetBool(VarScopeTransaction, "done", true)
+	})}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	a.Logger, _ = test.NewNullLogger()
+	served := make(chan error, 1)
+	go func() { served <- a.Serve(l) }()
+
+	busy := dialRaw(t, l.Addr().String())
+	busy.hello("pipelining", "e", 16380)
+	idle := dialRaw(t, l.Addr().String())
+	idle.hello("pipelining", "e", 16380)
+	slow, _ := appendMessages(nil, []ClientMessage{{Name: "slow"}})
+	busy.send(rawFrame(frameNotify, flagFin, 1, 1, slow))
+	<-started
+
+	shut := make(chan error, 1)
+	go func() { shut <- a.Shutdown(context.Background()) }()
+	select {
+	case err := <-served:
+		assert.ErrorIs(t, err, ErrAgentClosed)
+	case <-time.After(5 * time.Second):
+		t.Fatal("Serve did not return")
+	}
+	idle.expectDisconnect(StatusNormal)
+	select {
+	case <-shut:
+		t.Fatal("Shutdown returned with a handler running")
+	default:
+	}
+	close(release)
+	f := busy.next()
+	require.Equal(t, frameAck, f.typ, "the running handler's ACK goes out")
+	actions, err := decodeActions(f.payload)
+	require.NoError(t, err)
+	assert.Equal(t, []Action{ActionSetVar{Name: "done", Scope: VarScopeTransaction, Value: true}}, actions)
+	busy.expectDisconnect(StatusNormal)
+	select {
+	case err := <-shut:
+		assert.NoError(t, err)
+	case <-time.After(5 * time.Second):
+		t.Fatal("Shutdown did not return")
+	}
+	_, err = net.DialTimeout("tcp", l.Addr().String(), time.Second)
+	assert.Error(t, err, "listener closed")
+	assert.ErrorIs(t, a.ListenAndServe("127.0.0.1:0"), ErrAgentClosed)
+}
+
+func TestShutdownDeadline(t *testing.T) {
+	release := make(chan struct{})
+	defer close(release)
+	started := make(chan struct{}, 1)
+	a := &Agent{Handler: HandlerFunc(func(w *ActionWriter, r *Request) error {
+		started <- struct{}{}
+		<-release
+		return nil
+	})}
+	p := dialRaw(t, startAgent(t, a))
+	p.hello("pipelining", "e", 16380)
+	payload, _ := appendMessages(nil, []ClientMessage{{Name: "m"}})
+	p.send(rawFrame(frameNotify, flagFin, 1, 1, payload))
+	<-started
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	assert.ErrorIs(t, a.Shutdown(ctx), context.DeadlineExceeded)
+	require.NoError(t, a.Close())
+	p.expectClosed()
+}
+
+func TestReadTimeout(t *testing.T) {
+	a := &Agent{ReadTimeout: 100 * time.Millisecond}
+	addr := startAgent(t, a)
+	// No HELLO at all.
+	p := dialRaw(t, addr)
+	p.expectDisconnect(StatusTimeout)
+	// Half a frame after the handshake.
+	p = dialRaw(t, addr)
+	p.hello("pipelining", "e", 16380)
+	p.send([]byte{0, 0, 0, 20, 3})
+	p.expectDisconnect(StatusTimeout)
+}
+
+func TestIdleTimeout(t *testing.T) {
+	a := &Agent{IdleTimeout: 100 * time.Millisecond}
+	p := dialRaw(t, startAgent(t, a))
+	p.hello("pipelining", "e", 16380)
+	start := time.Now()
+	p.expectDisconnect(StatusTimeout)
+	assert.GreaterOrEqual(t, time.Since(start), 80*time.Millisecond)
+}
+
+func TestUnixSocket(t *testing.T) {
+	path := t.TempDir() + "/agent.sock"
+	l, err := net.Listen("unix", path)
+	require.NoError(t, err)
+	a := New(seedHandler)
+	a.Logger, _ = test.NewNullLogger()
+	served := make(chan error, 1)
+	go func() { served <- a.Serve(l) }()
+	ctx := notifyCtx(t)
+	c, err := Dial(ctx, "unix", path, ClientConfig{})
+	require.NoError(t, err)
+	actions, err := c.Notify(ctx, ipRep(net.IP{10, 0, 0, 4}))
+	require.NoError(t, err)
+	assert.Equal(t, []Action{ActionSetVar{Name: "reputation", Scope: VarScopeSession, Value: "1"}}, actions)
+	require.NoError(t, c.Close())
+	require.NoError(t, a.Shutdown(ctx))
+	assert.ErrorIs(t, <-served, ErrAgentClosed)
+}
+
+func TestClientClose(t *testing.T) {
+	a := New(seedHandler)
+	c := dialAgent(t, startAgent(t, a), ClientConfig{})
+	require.NoError(t, c.Close())
+	_, err := c.Notify(notifyCtx(t), ipRep(net.IP{1, 1, 1, 1}))
+	assert.ErrorIs(t, err, ErrClientClosed)
+	waitFor(t, func() bool { return a.Stats().DisconnectsIn[StatusNormal] == 1 }, "DISCONNECT counted")
+	assert.Equal(t, uint64(1), a.Stats().DisconnectsOut[StatusNormal])
+}
+
+// waitFor polls cond until it holds or 10 s pass.
+func waitFor(t testing.TB, cond func() bool, what string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for: %s", what)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// lookup returns the number of live connections of the engine id.
+func (r *engines) lookup(id string) int {
+	r.mu.Lock()
+	e := r.m[id]
+	r.mu.Unlock()
+	if e == nil {
+		return 0
+	}
+	return e.len()
+}
