@@ -57,8 +57,12 @@ var (
 const (
 	stateInline   = 1 // a handler runs inline and may be rescued
 	stateRescuing = 2 // a rescuer is taking the loop role over
-	stateEpoch    = 4
+	stateSeq      = 4 // one step of the sequence number
 )
+
+// latencySampling: one handler call in latencySampling is timed (reading
+// the clock costs as much as a small handler), and counted that many times.
+const latencySampling = 8
 
 // Read deadline kinds.
 const (
@@ -94,12 +98,18 @@ type conn struct {
 	dlAt     time.Time
 	draining bool
 
-	// state is epoch<<2 | stateRescuing | stateInline. Taking the loop role
-	// over from an inline handler bumps the epoch, so that the handler's
-	// goroutine learns, whatever happened since, that the role is no longer
-	// its own.
+	// state is seq<<2 | stateRescuing | stateInline, seq counting inline
+	// handler calls and rescues: a handler's goroutine learns from it,
+	// whatever happened meanwhile, whether the loop role is still its own,
+	// and the rescue timer whether the same handler is still running.
 	state atomic.Uint64
-	timer *time.Timer
+	// The rescue timer fires every inlineBudget while the loop handles
+	// frames, and is stopped before the loop blocks. lastSeen is the state
+	// its previous firing saw.
+	timer      *time.Timer
+	timerArmed atomic.Bool
+	lastSeen   atomic.Uint64
+	calls      uint64 // handler calls, for sampling their latency
 
 	// Handlers running on this connection.
 	inflight atomic.Int32
@@ -334,19 +344,20 @@ func (c *conn) onDisconnect(f *frame) error {
 // handle validates one whole NOTIFY and runs the handler on it inline,
 // under the rescue timer.
 func (c *conn) handle(streamID, frameID uint64, payload []byte) error {
-	if err := checkMessages(payload); err != nil {
+	ex := c.ex
+	if ex == nil {
+		ex = getExchange()
+		c.ex = ex
+	}
+	if err := ex.req.indexMessages(payload); err != nil {
 		return err
 	}
 	if err := c.acquire(); err != nil {
 		return err
 	}
 	a := c.agent
-	ex := c.ex
-	if ex == nil {
-		ex = getExchange()
-		c.ex = ex
-	}
-	ex.req = Request{parent: c.requestContext(), streamID: streamID, frameID: frameID, payload: payload}
+	ex.req.parent, ex.req.streamID, ex.req.frameID = c.requestContext(), streamID, frameID
+	ex.req.ctx, ex.req.cancel, ex.req.sealed = nil, nil, false
 	if c.engine != nil {
 		ex.req.engineID = c.engine.id
 	}
@@ -358,10 +369,24 @@ func (c *conn) handle(streamID, frameID uint64, payload []byte) error {
 		// takes the loop role, c.timer included.
 		c.timer = time.AfterFunc(math.MaxInt64, c.rescue)
 	}
-	epoch := c.state.Load()
-	c.state.Store(epoch | stateInline)
-	c.timer.Reset(inlineBudget)
+	sampled := c.calls%latencySampling == 0
+	c.calls++
+	// From here on, until the CompareAndSwap below succeeds, a rescue may
+	// own the loop's fields: touch none of them.
+	inline := (c.state.Load() + stateSeq) | stateInline
+	c.state.Store(inline)
+	if !c.timerArmed.Load() {
+		c.timerArmed.Store(true)
+		c.timer.Reset(inlineBudget)
+	}
+	var start time.Duration
+	if sampled {
+		start = monotime()
+	}
 	a.serveNotify(&ex.w, &ex.req)
+	if sampled {
+		a.stats.observeHandler(monotime()-start, latencySampling)
+	}
 	ack := ex.w.finish()
 	ex.ack = ack[:0]
 	ex.req.sealed, ex.w.sealed = poisonViews, poisonViews
@@ -369,7 +394,7 @@ func (c *conn) handle(streamID, frameID uint64, payload []byte) error {
 		poison(payload)
 	}
 
-	if !c.state.CompareAndSwap(epoch|stateInline, epoch) {
+	if !c.state.CompareAndSwap(inline, inline&^stateInline) {
 		// Rescued: the loop role went on without us. Once the rescuer is
 		// done with our read buffer, deliver our own ACK.
 		for c.state.Load()&stateRescuing != 0 {
@@ -384,7 +409,6 @@ func (c *conn) handle(streamID, frameID uint64, payload []byte) error {
 		c.unref()
 		return errLostRole
 	}
-	c.timer.Stop()
 	c.outBuf()
 	c.out.b = append(c.out.b, ack...)
 	a.stats.framesOut[frameStat(frameAck)].Add(1)
@@ -395,12 +419,26 @@ func (c *conn) handle(streamID, frameID uint64, payload []byte) error {
 	return nil
 }
 
-// rescue runs in the timer's goroutine when an inline handler outlasts
-// inlineBudget: it takes the loop role over.
+// disarm stops the rescue timer before the loop blocks.
+func (c *conn) disarm() {
+	if c.timerArmed.Load() {
+		c.timerArmed.Store(false)
+		c.timer.Stop()
+	}
+}
+
+// rescue runs in the timer's goroutine every inlineBudget while the loop
+// handles frames. When it finds inline the handler it already found inline
+// at its previous firing, that handler has run for at least inlineBudget:
+// it takes the loop role over. No clock is read.
 func (c *conn) rescue() {
+	if !c.timerArmed.Load() {
+		return // the loop went back to reading
+	}
 	s := c.state.Load()
-	if s&stateInline == 0 || !c.state.CompareAndSwap(s, s|stateRescuing) {
-		return // the handler returned meanwhile
+	if s&stateInline == 0 || c.lastSeen.Swap(s) != s || !c.state.CompareAndSwap(s, s|stateRescuing) {
+		c.timer.Reset(inlineBudget)
+		return
 	}
 	a := c.agent
 	a.goroutines.Add(1)
@@ -419,7 +457,8 @@ func (c *conn) rescue() {
 	}
 	c.frag = reassembly{}
 	c.ex = nil
-	c.state.Store(s&^(stateInline|stateRescuing) + stateEpoch)
+	c.timerArmed.Store(false) // armed again by the next inline handler
+	c.state.Store(s&^(stateInline|stateRescuing) + stateSeq)
 	// The ACKs gathered before the slow frame must not wait for it.
 	c.flush()
 	err := c.loop()
@@ -446,12 +485,14 @@ func (c *conn) deliver(ack []byte) {
 func (c *conn) acquire() error {
 	a := c.agent
 	if c.inflight.Load() >= a.maxInFlightPerConn() {
+		c.disarm()
 		c.flush()
 		if !c.waitInflightBelow(a.maxInFlightPerConn()) {
 			return net.ErrClosed
 		}
 	}
 	if a.inflight.Load() >= a.maxInFlight() {
+		c.disarm()
 		c.flush()
 	}
 	if !a.acquireSlot() {
@@ -505,6 +546,7 @@ func (c *conn) nextFrame() (frame, error) {
 			}
 			c.reserve(total)
 		}
+		c.disarm()
 		if err := c.flush(); err != nil {
 			return frame{}, err
 		}

@@ -280,8 +280,55 @@ func readValue(b []byte, off int) (Value, int, error) {
 
 // skipValue steps over the typed value at b[off:] without building it.
 func skipValue(b []byte, off int) (int, error) {
-	_, off, err := readValue(b, off)
-	return off, err
+	if off >= len(b) {
+		return off, errTruncated
+	}
+	t := Type(b[off] & typeMask)
+	off++
+	switch t {
+	case TypeNull, TypeBool:
+		return off, nil
+	case TypeInt32, TypeUint32, TypeInt64, TypeUint64:
+		return skipVarint(b, off)
+	case TypeIPv4, TypeIPv6:
+		n := 4
+		if t == TypeIPv6 {
+			n = 16
+		}
+		if len(b)-off < n {
+			return off, errTruncated
+		}
+		return off + n, nil
+	case TypeString, TypeBinary:
+		n, off, err := readVarint(b, off)
+		if err != nil {
+			return off, err
+		}
+		if n > uint64(len(b)-off) {
+			return off, errTruncated
+		}
+		return off + int(n), nil
+	}
+	return off, errUnknownType
+}
+
+// skipVarint steps over the varint at b[off:].
+func skipVarint(b []byte, off int) (int, error) {
+	if off >= len(b) {
+		return off, errTruncated
+	}
+	if b[off] < 240 {
+		return off + 1, nil
+	}
+	for i := 1; i < maxVarintLen; i++ {
+		if off+i >= len(b) {
+			return off + i, errTruncated
+		}
+		if b[off+i] < 128 {
+			return off + i + 1, nil
+		}
+	}
+	return off + maxVarintLen, errVarintTooLong
 }
 
 // appendValue appends v in its canonical encoding: flags clear except the

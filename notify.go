@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"net"
 	"runtime/debug"
-	"time"
 
 	"github.com/pkg/errors"
 )
@@ -73,8 +72,9 @@ func (h MessageHandler) ServeSPOE(w *ActionWriter, r *Request) error {
 	return nil
 }
 
-// Request is one NOTIFY frame being handled. Its messages are read lazily
-// from the frame, which was checked whole before the handler was called.
+// Request is one NOTIFY frame being handled. The frame is checked whole
+// before the handler is called, and the places of its messages noted, so
+// that reading them lazily can neither fail nor walk the frame twice.
 type Request struct {
 	parent   context.Context
 	ctx      context.Context
@@ -83,13 +83,85 @@ type Request struct {
 	streamID uint64
 	frameID  uint64
 	payload  []byte
+	nmsgs    int
+	index    [indexedMessages]msgIndex // where the first messages are
 	sealed   bool
+}
+
+// indexedMessages is how many messages a Request locates up front; later
+// ones (HAProxy sends one per spoe-message of an event or group, rarely
+// more than a few) are found by stepping over their predecessors.
+const indexedMessages = 16
+
+// msgIndex locates one message in a payload: its name runs from name to
+// args-1, where its NB-ARGS byte is; its arguments from args to end.
+type msgIndex struct {
+	name, args, end uint32
 }
 
 func (r *Request) check() {
 	if r.sealed {
 		panic("spoe: Request used after its handler returned")
 	}
+}
+
+// indexMessages checks a NOTIFY's LIST-OF-MESSAGES whole, counts its
+// messages and notes where the first ones are.
+func (r *Request) indexMessages(payload []byte) error {
+	r.payload, r.nmsgs = payload, 0
+	if len(payload) > 1<<32-1 {
+		return errTruncated // no frame is this big; offsets are uint32
+	}
+	for off := 0; off < len(payload); {
+		m, end, err := scanMessage(payload, off)
+		if err != nil {
+			return err
+		}
+		if r.nmsgs < indexedMessages {
+			r.index[r.nmsgs] = m
+		}
+		r.nmsgs++
+		off = end
+	}
+	return nil
+}
+
+// scanMessage locates the message at payload[off:], checking it whole.
+func scanMessage(payload []byte, off int) (msgIndex, int, error) {
+	var m msgIndex
+	name, off, err := readBytes(payload, off)
+	if err != nil {
+		return m, off, err
+	}
+	m.name = uint32(off - len(name))
+	if off >= len(payload) {
+		return m, off, errTruncated
+	}
+	nargs := int(payload[off])
+	off++
+	m.args = uint32(off)
+	for i := 0; i < nargs; i++ {
+		if off, err = skipName(payload, off); err != nil {
+			return m, off, err
+		}
+		if off, err = skipValue(payload, off); err != nil {
+			return m, off, err
+		}
+	}
+	m.end = uint32(off)
+	return m, off, nil
+}
+
+// skipName steps over a name: a varint length and that many bytes.
+func skipName(b []byte, off int) (int, error) {
+	n, off, err := readVarint(b, off)
+	if err != nil {
+		return off, err
+	}
+	if n > uint64(len(b)-off) {
+		return off, errTruncated
+	}
+	return off + int(n), nil
 }
 
 // Context returns the request's context. It is cancelled when the handler
@@ -115,11 +187,14 @@ func (r *Request) StreamID() uint64 { r.check(); return r.streamID }
 // FrameID returns the frame's frame-id.
 func (r *Request) FrameID() uint64 { r.check(); return r.frameID }
 
+// NumMessages returns the number of messages in the frame.
+func (r *Request) NumMessages() int { r.check(); return r.nmsgs }
+
 // Messages returns an iterator over the frame's messages, in the order of
 // HAProxy's configuration.
 func (r *Request) Messages() MessageIterator {
 	r.check()
-	return MessageIterator{rest: r.payload}
+	return MessageIterator{r: r}
 }
 
 // Message returns the first message with that name.
@@ -136,13 +211,9 @@ func (r *Request) Message(name string) (MessageIterator, bool) {
 // decodeMessages builds the simple API's messages, with copied values.
 func (r *Request) decodeMessages() []Message {
 	r.check()
-	n := 0
+	msgs := make([]Message, 0, r.nmsgs)
 	for it := r.Messages(); it.Next(); {
-		n++
-	}
-	msgs := make([]Message, 0, n)
-	for it := r.Messages(); it.Next(); {
-		m := Message{Name: string(it.name), Args: make(map[string]interface{}, it.nargs)}
+		m := Message{Name: it.Name(), Args: make(map[string]interface{}, it.NumArgs())}
 		for args := it.Args(); args.Next(); {
 			if _, dup := m.Args[string(args.name)]; !dup {
 				m.Args[string(args.name)] = args.value.Interface()
@@ -159,64 +230,71 @@ func (r *Request) decodeMessages() []Message {
 //		if msgs.NameIs("ip-rep") { ... msgs.Args() ... }
 //	}
 //
-// Its views are valid only while the handler runs.
+// It and its views are valid only while the handler runs.
 type MessageIterator struct {
-	rest  []byte // the messages after the current one
-	name  []byte
-	nargs int
-	args  []byte // the current message's arguments and everything after
+	r   *Request
+	i   int // messages passed, the current one included
+	cur msgIndex
 }
 
 // Next moves to the next message and reports whether there is one.
 func (it *MessageIterator) Next() bool {
-	if len(it.rest) == 0 {
+	r := it.r
+	if r == nil || it.i >= r.nmsgs {
 		return false
 	}
-	name, off, err := readBytes(it.rest, 0)
-	if err != nil || off >= len(it.rest) {
-		it.rest = nil
-		return false
-	}
-	it.name, it.nargs = name, int(it.rest[off])
-	off++
-	it.args = it.rest[off:]
-	// Step over the arguments to find the next message.
-	for i := 0; i < it.nargs; i++ {
-		if _, off, err = readBytes(it.rest, off); err == nil {
-			off, err = skipValue(it.rest, off)
-		}
+	r.check()
+	if it.i < indexedMessages {
+		it.cur = r.index[it.i]
+	} else {
+		m, _, err := scanMessage(r.payload, int(it.cur.end))
 		if err != nil {
-			it.rest = nil
+			it.i = r.nmsgs
 			return false
 		}
+		it.cur = m
 	}
-	it.rest = it.rest[off:]
+	it.i++
 	return true
 }
 
+func (it *MessageIterator) name() []byte {
+	return it.r.payload[it.cur.name : it.cur.args-1 : it.cur.args-1]
+}
+
 // Name returns the message's name as a new string.
-func (it *MessageIterator) Name() string { return string(it.name) }
+func (it *MessageIterator) Name() string { return string(it.name()) }
 
 // NameBytes returns the message's name as a view of the frame.
-func (it *MessageIterator) NameBytes() []byte { return it.name }
+func (it *MessageIterator) NameBytes() []byte { return it.name() }
 
 // NameIs reports whether the message is called name, without allocating.
-func (it *MessageIterator) NameIs(name string) bool { return string(it.name) == name }
+func (it *MessageIterator) NameIs(name string) bool { return string(it.name()) == name }
 
 // NumArgs returns the number of the message's arguments.
-func (it *MessageIterator) NumArgs() int { return it.nargs }
+func (it *MessageIterator) NumArgs() int { return int(it.r.payload[it.cur.args-1]) }
 
 // Args returns an iterator over the message's arguments, in order,
 // unnamed and duplicate ones included.
 func (it *MessageIterator) Args() ArgIterator {
-	return ArgIterator{rest: it.args, left: it.nargs}
+	return ArgIterator{rest: it.r.payload[it.cur.args:it.cur.end:it.cur.end], left: it.NumArgs()}
 }
 
 // Arg returns the value of the message's first argument with that name.
 func (it *MessageIterator) Arg(name string) (Value, bool) {
-	for args := it.Args(); args.Next(); {
-		if args.NameIs(name) {
-			return args.value, true
+	p := it.r.payload[:it.cur.end]
+	off := int(it.cur.args)
+	for i := it.NumArgs(); i > 0; i-- {
+		n, next, err := readBytes(p, off)
+		if err != nil {
+			break
+		}
+		if string(n) == name {
+			v, _, err := readValue(p, next)
+			return v, err == nil
+		}
+		if off, err = skipValue(p, next); err != nil {
+			break
 		}
 	}
 	return Value{}, false
@@ -262,31 +340,6 @@ func (a *ArgIterator) NameIs(name string) bool { return string(a.name) == name }
 
 // Value returns the argument's value.
 func (a *ArgIterator) Value() Value { return a.value }
-
-// checkMessages walks a NOTIFY's LIST-OF-MESSAGES once, so that a malformed
-// frame is refused whole and the handler's iterators cannot fail.
-func checkMessages(payload []byte) error {
-	for off := 0; off < len(payload); {
-		var err error
-		if _, off, err = readBytes(payload, off); err != nil {
-			return err
-		}
-		if off >= len(payload) {
-			return errTruncated
-		}
-		nargs := int(payload[off])
-		off++
-		for i := 0; i < nargs; i++ {
-			if _, off, err = readBytes(payload, off); err != nil {
-				return err
-			}
-			if off, err = skipValue(payload, off); err != nil {
-				return err
-			}
-		}
-	}
-	return nil
-}
 
 // reassembly gathers the fragments of one NOTIFY (HAProxy 2.6 and 3.0 send
 // them to an agent that announced "fragmentation"): a NOTIFY without FIN,
@@ -342,9 +395,7 @@ func callHandler(h Handler, w *ActionWriter, r *Request) (err error) {
 // w's ACK. A handler error or panic replaces the actions with the error
 // variable, so that HAProxy's rules see the failure at once.
 func (a *Agent) serveNotify(w *ActionWriter, r *Request) {
-	start := time.Now()
 	err := callHandler(a.handler(), w, r)
-	a.stats.observeHandler(time.Since(start))
 	if r.cancel != nil {
 		r.cancel()
 		r.ctx, r.cancel = nil, nil

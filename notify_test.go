@@ -1,6 +1,7 @@
 package spoe
 
 import (
+	"fmt"
 	"math"
 	"net"
 	"net/netip"
@@ -16,8 +17,9 @@ func goldenRequest(t testing.TB, version, name string) *Request {
 	t.Helper()
 	f := goldenFrame(t, version, name)
 	require.Equal(t, frameNotify, f.typ)
-	require.NoError(t, checkMessages(f.payload))
-	return &Request{streamID: f.streamID, frameID: f.frameID, payload: f.payload}
+	r := &Request{streamID: f.streamID, frameID: f.frameID}
+	require.NoError(t, r.indexMessages(f.payload))
+	return r
 }
 
 // The arguments of the golden "echo" message, in order, with the Go value
@@ -145,8 +147,8 @@ func TestDuplicateAndUnnamedArgs(t *testing.T) {
 		{"ip", net.IP{10, 0, 0, 1}}, {"", "first unnamed"}, {"ip", net.IP{10, 0, 0, 2}}, {"", "second unnamed"},
 	}}})
 	require.NoError(t, err)
-	require.NoError(t, checkMessages(payload))
-	r := &Request{payload: payload}
+	r := &Request{}
+	require.NoError(t, r.indexMessages(payload))
 	var got []string
 	it := r.Messages()
 	require.True(t, it.Next())
@@ -157,6 +159,46 @@ func TestDuplicateAndUnnamedArgs(t *testing.T) {
 	m := r.decodeMessages()[0]
 	assert.Equal(t, net.IP{10, 0, 0, 1}, m.Args["ip"])
 	assert.Equal(t, "first unnamed", m.Args[""])
+}
+
+// TestManyMessages: messages past the indexed ones are found by stepping
+// over their predecessors.
+func TestManyMessages(t *testing.T) {
+	var msgs []ClientMessage
+	for i := 0; i < 40; i++ {
+		msgs = append(msgs, ClientMessage{Name: fmt.Sprintf("m%d", i), Args: []Arg{{"i", int64(i)}, {"s", strings.Repeat("x", i)}}})
+	}
+	payload, err := appendMessages(nil, msgs)
+	require.NoError(t, err)
+	r := &Request{}
+	require.NoError(t, r.indexMessages(payload))
+	assert.Equal(t, 40, r.NumMessages())
+	i := 0
+	for it := r.Messages(); it.Next(); i++ {
+		assert.Equal(t, fmt.Sprintf("m%d", i), it.Name())
+		v, ok := it.Arg("i")
+		require.True(t, ok)
+		n, _ := v.Int()
+		assert.Equal(t, int64(i), n)
+		v, _ = it.Arg("s")
+		assert.True(t, v.Equal(strings.Repeat("x", i)))
+	}
+	assert.Equal(t, 40, i)
+	m, ok := r.Message("m33")
+	require.True(t, ok)
+	assert.Equal(t, 2, m.NumArgs())
+	assert.Len(t, r.decodeMessages(), 40)
+}
+
+// TestSealedRequestPanics: a Request kept past its handler panics when used
+// (builds with the race detector seal it).
+func TestSealedRequestPanics(t *testing.T) {
+	r := goldenRequest(t, "2.6.12", "notify-ip-rep.bin")
+	it := r.Messages()
+	r.sealed = true
+	assert.Panics(t, func() { r.Messages() })
+	assert.Panics(t, func() { it.Next() })
+	assert.Panics(t, func() { r.Context() })
 }
 
 func valueString(v Value) string {
@@ -172,8 +214,8 @@ func valueString(v Value) string {
 func TestCheckMessagesErrors(t *testing.T) {
 	valid, err := appendMessages(nil, []ClientMessage{{Name: "m", Args: []Arg{{"a", int64(1)}, {"s", "xy"}}}})
 	require.NoError(t, err)
-	require.NoError(t, checkMessages(valid))
-	require.NoError(t, checkMessages(nil), "no message at all")
+	require.NoError(t, (&Request{}).indexMessages(valid))
+	require.NoError(t, (&Request{}).indexMessages(nil), "no message at all")
 	tests := []struct {
 		name    string
 		payload []byte
@@ -190,18 +232,21 @@ func TestCheckMessagesErrors(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			assert.Error(t, checkMessages(tt.payload))
+			assert.Error(t, (&Request{}).indexMessages(tt.payload))
 		})
 	}
 }
 
 // TestIteratorsNeverPanic walks iterators over every prefix of a golden
-// frame: unchecked input must end iteration, not crash it.
+// frame, whether indexing it failed or not: iteration must end, not crash.
 func TestIteratorsNeverPanic(t *testing.T) {
-	f := goldenFrame(t, "2.6.12", "notify-echo.bin")
-	for n := 0; n <= len(f.payload); n++ {
-		r := &Request{payload: f.payload[:n]}
+	f := goldenFrame(t, "2.6.12", "notify-m_one-3msgs.bin")
+	payload := append(append([]byte{}, f.payload...), goldenFrame(t, "2.6.12", "notify-echo.bin").payload...)
+	for n := 0; n <= len(payload); n++ {
+		r := &Request{}
+		_ = r.indexMessages(payload[:n])
 		for it := r.Messages(); it.Next(); {
+			_, _ = it.Arg("s")
 			for args := it.Args(); args.Next(); {
 				_ = args.Value().Interface()
 			}
@@ -255,10 +300,10 @@ func BenchmarkDecodeNotify(b *testing.B) {
 			b.ReportAllocs()
 			var sink int
 			for i := 0; i < b.N; i++ {
-				if checkMessages(payload) != nil {
+				var r Request
+				if r.indexMessages(payload) != nil {
 					b.Fatal("invalid")
 				}
-				r := Request{payload: payload}
 				for it := r.Messages(); it.Next(); {
 					for args := it.Args(); args.Next(); {
 						if b, ok := args.Value().Bytes(); ok {
@@ -272,10 +317,10 @@ func BenchmarkDecodeNotify(b *testing.B) {
 		b.Run("simple/"+tt.name, func(b *testing.B) {
 			b.ReportAllocs()
 			for i := 0; i < b.N; i++ {
-				if checkMessages(payload) != nil {
+				var r Request
+				if r.indexMessages(payload) != nil {
 					b.Fatal("invalid")
 				}
-				r := Request{payload: payload}
 				_ = r.decodeMessages()
 			}
 		})
