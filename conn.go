@@ -145,7 +145,7 @@ func putExchange(ex *exchange) {
 	if poisonViews {
 		return // a fresh one each time, so that a kept view stays sealed
 	}
-	ex.req = Request{}
+	ex.req = Request{names: ex.req.names}
 	if cap(ex.ack) > 64<<10 {
 		ex.ack = nil
 	}

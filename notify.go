@@ -86,6 +86,7 @@ type Request struct {
 	nmsgs    int
 	index    [indexedMessages]msgIndex // where the first messages are
 	sealed   bool
+	names    map[string]string // interned names for the simple API
 }
 
 // indexedMessages is how many messages a Request locates up front; later
@@ -213,15 +214,37 @@ func (r *Request) decodeMessages() []Message {
 	r.check()
 	msgs := make([]Message, 0, r.nmsgs)
 	for it := r.Messages(); it.Next(); {
-		m := Message{Name: it.Name(), Args: make(map[string]interface{}, it.NumArgs())}
+		m := Message{Name: r.intern(it.name()), Args: make(map[string]interface{}, it.NumArgs())}
 		for args := it.Args(); args.Next(); {
 			if _, dup := m.Args[string(args.name)]; !dup {
-				m.Args[string(args.name)] = args.value.Interface()
+				m.Args[r.intern(args.name)] = args.value.Interface()
 			}
 		}
 		msgs = append(msgs, m)
 	}
 	return msgs
+}
+
+// Interning bounds: names repeat on every request, so the simple API keeps
+// the short ones it has seen rather than allocate them again.
+const (
+	maxInterned    = 256
+	maxInternedLen = 64
+)
+
+// intern returns b as a string, from the names seen before when it can.
+func (r *Request) intern(b []byte) string {
+	if s, ok := r.names[string(b)]; ok {
+		return s
+	}
+	s := string(b)
+	if len(b) <= maxInternedLen && len(r.names) < maxInterned {
+		if r.names == nil {
+			r.names = make(map[string]string)
+		}
+		r.names[s] = s
+	}
+	return s
 }
 
 // MessageIterator walks the messages of a NOTIFY frame:

@@ -1,0 +1,61 @@
+//go:build !race
+
+package spoe
+
+import (
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// TestFastPathNoAllocs: in steady state a NOTIFY -> handler -> ACK on the
+// zero-copy path allocates nothing, over a real loopback connection, one
+// frame at a time and 32 in flight.
+func TestFastPathNoAllocs(t *testing.T) {
+	for _, msg := range []ClientMessage{ipRepMessage, heavyMessage} {
+		for _, inflight := range []int{1, 32} {
+			p := newLoadPeer(t, &Agent{Handler: fastHandler}, msg, inflight)
+			for i := 0; i < 100; i++ { // warm the pools up
+				require.NoError(t, p.roundTripN(inflight))
+			}
+			allocs := testing.AllocsPerRun(2000/inflight, func() {
+				if err := p.roundTripN(inflight); err != nil {
+					t.Fatal(err)
+				}
+			})
+			assert.Zero(t, allocs, "%s, %d in flight: allocations per batch", msg.Name, inflight)
+		}
+	}
+}
+
+// TestSimpleAPIAllocs reports what the simple API costs per request and
+// keeps it to what Go needs for the slice, the maps, the strings and the
+// boxed values.
+func TestSimpleAPIAllocs(t *testing.T) {
+	for _, tt := range []struct {
+		msg ClientMessage
+		max float64
+	}{
+		// The []Message, its map, the net.IP copy and its boxing into
+		// interface{}; the handler's []Action and its boxed ActionSetVar.
+		// Names are interned.
+		{ipRepMessage, 7},
+		// The same with 8 values: 4 strings, 1 []byte and 1 net.IP each
+		// copied and boxed, 1 boxed int64 (bools box for free); the
+		// handler's 3 boxed actions.
+		{heavyMessage, 20},
+	} {
+		p := newLoadPeer(t, &Agent{Handler: simpleHandler}, tt.msg, 1)
+		for i := 0; i < 100; i++ {
+			require.NoError(t, p.roundTripN(1))
+		}
+		allocs := testing.AllocsPerRun(2000, func() {
+			if err := p.roundTripN(1); err != nil {
+				t.Fatal(err)
+			}
+		})
+		t.Logf("simple API, %s: %.1f allocations per request", tt.msg.Name, allocs)
+		assert.LessOrEqual(t, allocs, tt.max, tt.msg.Name)
+	}
+}
