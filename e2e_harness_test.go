@@ -4,13 +4,15 @@ package spoe_test
 // agents served in the test process, and gives the scenarios of
 // e2e_test.go small helpers to talk to them.
 //
-//   - haproxyBinary finds and checks a HAProxy binary (HAPROXY_2_6,
-//     HAPROXY_3_2); a missing one skips the test, or fails it when CI=true.
+//   - forEachHAProxy runs a test for each HAProxy version, with a binary
+//     found and checked by version (HAPROXY_2_6, HAPROXY_3_2); a missing one
+//     skips the test, or fails it when CI=true.
 //   - startHAProxy writes haproxy.cfg and spoe.conf into a temporary folder,
 //     checks them with "haproxy -c", runs HAProxy in the foreground and
 //     stops it when the test ends, printing its output if the test failed.
-//   - startAgent serves a *spoe.Agent on a loopback port and records what
-//     the agent writes in its AGENT-HELLO frames.
+//   - startAgent serves a *spoe.Agent on a loopback port, shuts it down when
+//     the test ends, and keeps its connections and the AGENT-HELLO frames
+//     it wrote, decoded by the test's own small SPOP reader.
 //   - waitFor is the only way the tests wait: it polls a condition until a
 //     deadline. Nothing sleeps to synchronise.
 
@@ -276,9 +278,8 @@ func freePort(t testing.TB) int {
 // agentUnderTest is an Agent served on a loopback port for one test.
 type agentUnderTest struct {
 	*spoe.Agent
-	addr  string // host:port HAProxy connects to
-	log   *syncBuffer
-	hello *helloRecorder
+	addr string // host:port HAProxy connects to
+	tap  *tapRecorder
 }
 
 // startAgent serves a on 127.0.0.1:0 until the test ends, then shuts it down
@@ -297,7 +298,7 @@ func startAgent(t testing.TB, a *spoe.Agent) *agentUnderTest {
 	if err != nil {
 		t.Fatalf("agent listener: %v", err)
 	}
-	rec := &helloRecorder{}
+	rec := &tapRecorder{}
 	served := make(chan error, 1)
 	go func() { served <- a.Serve(&tapListener{Listener: ln, rec: rec}) }()
 
@@ -318,7 +319,7 @@ func startAgent(t testing.TB, a *spoe.Agent) *agentUnderTest {
 		}
 	})
 	logOnFailure(t, "agent log", logs)
-	return &agentUnderTest{Agent: a, addr: ln.Addr().String(), log: logs, hello: rec}
+	return &agentUnderTest{Agent: a, addr: ln.Addr().String(), tap: rec}
 }
 
 // tapListener hands the agent connections whose writes are recorded. The
@@ -326,7 +327,7 @@ func startAgent(t testing.TB, a *spoe.Agent) *agentUnderTest {
 // reads the way it does in production; only Write is intercepted.
 type tapListener struct {
 	net.Listener
-	rec *helloRecorder
+	rec *tapRecorder
 }
 
 func (l *tapListener) Accept() (net.Conn, error) {
@@ -338,12 +339,16 @@ func (l *tapListener) Accept() (net.Conn, error) {
 	if !ok {
 		return nc, nil
 	}
-	return &tapConn{TCPConn: tc, rec: l.rec}, nil
+	c := &tapConn{TCPConn: tc, rec: l.rec}
+	l.rec.mu.Lock()
+	l.rec.conns = append(l.rec.conns, c)
+	l.rec.mu.Unlock()
+	return c, nil
 }
 
 type tapConn struct {
 	*net.TCPConn
-	rec *helloRecorder
+	rec *tapRecorder
 
 	mu      sync.Mutex
 	first   []byte // bytes written until the first frame is whole
@@ -364,11 +369,22 @@ func (c *tapConn) Write(p []byte) (int, error) {
 	return c.TCPConn.Write(p)
 }
 
-// helloRecorder keeps the first frame the agent wrote on each connection:
-// its AGENT-HELLO.
-type helloRecorder struct {
+// tapRecorder keeps the first frame the agent wrote on each connection
+// (its AGENT-HELLO), and the connections in the order they were accepted.
+type tapRecorder struct {
 	mu     sync.Mutex
 	hellos []agentHello
+	conns  []*tapConn
+}
+
+// conn returns the i-th connection accepted (from 0), or nil.
+func (r *tapRecorder) conn(i int) *tapConn {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if i >= len(r.conns) {
+		return nil
+	}
+	return r.conns[i]
 }
 
 // agentHello is what one AGENT-HELLO said, decoded by the test itself.
@@ -379,17 +395,17 @@ type agentHello struct {
 	capabilities string
 }
 
-func (r *helloRecorder) add(frame []byte) {
+func (r *tapRecorder) add(frame []byte) {
 	h, err := decodeAgentHello(frame)
 	if err != nil {
-		h = agentHello{frameType: frame[0], version: "undecodable: " + err.Error()}
+		h.version = "undecodable: " + err.Error()
 	}
 	r.mu.Lock()
 	r.hellos = append(r.hellos, h)
 	r.mu.Unlock()
 }
 
-func (r *helloRecorder) all() []agentHello {
+func (r *tapRecorder) agentHellos() []agentHello {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return append([]agentHello(nil), r.hellos...)
@@ -414,7 +430,7 @@ func firstFrame(b []byte) ([]byte, bool) {
 func decodeAgentHello(f []byte) (agentHello, error) {
 	h := agentHello{}
 	if len(f) < 5 {
-		return h, errors.New("short frame")
+		return h, fmt.Errorf("frame of %d bytes", len(f))
 	}
 	h.frameType = f[0]
 	p := f[5:] // skip type and flags
@@ -634,17 +650,26 @@ func writeFile(t testing.TB, path, content string) {
 
 // checkHAProxyConfig runs "haproxy -c" and fails the test with HAProxy's
 // output if the configuration is invalid.
-func checkHAProxyConfig(t testing.TB, hp haproxyBinary, dir, cfgPath string) {
+func checkHAProxyConfig(t testing.TB, hp haproxyBinary, dir, cfgPath string, flags ...string) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, hp.path, "-c", "-f", cfgPath)
-	cmd.Dir = dir
-	out, err := cmd.CombinedOutput()
-	if err != nil {
+	if out, err := runConfigCheck(hp, dir, cfgPath, flags...); err != nil {
+		if !filepath.IsAbs(cfgPath) {
+			cfgPath = filepath.Join(dir, cfgPath)
+		}
 		cfg, _ := os.ReadFile(cfgPath)
 		t.Fatalf("HAProxy %s rejects %s: %v\n%s\n---- %s ----\n%s", hp.version, cfgPath, err, out, filepath.Base(cfgPath), numberLines(cfg))
 	}
+}
+
+// runConfigCheck runs "haproxy <flags> -c -f cfgPath" in dir and returns
+// its output; the error is non-nil when HAProxy rejects the configuration.
+func runConfigCheck(hp haproxyBinary, dir, cfgPath string, flags ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, hp.path, append(flags, "-c", "-f", cfgPath)...)
+	cmd.Dir = dir
+	out, err := cmd.CombinedOutput()
+	return string(out), err
 }
 
 func numberLines(b []byte) string {
