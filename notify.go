@@ -3,6 +3,7 @@ package spoe
 import (
 	"context"
 	"fmt"
+	"math"
 	"net"
 	"runtime/debug"
 
@@ -51,6 +52,47 @@ type Message struct {
 	Args map[string]interface{}
 }
 
+// IP returns the argument name if it is an address (IPV4 or IPV6).
+func (m Message) IP(name string) (net.IP, bool) {
+	ip, ok := m.Args[name].(net.IP)
+	return ip, ok
+}
+
+// String returns the argument name if it is a STRING.
+func (m Message) String(name string) (string, bool) {
+	s, ok := m.Args[name].(string)
+	return s, ok
+}
+
+// Bytes returns the argument name if it is a BINARY (req.body,
+// req.hdrs_bin...).
+func (m Message) Bytes(name string) ([]byte, bool) {
+	b, ok := m.Args[name].([]byte)
+	return b, ok
+}
+
+// Int returns the argument name if it is an integer of any of the four
+// SPOP types that fits an int64 (HAProxy sends integers as INT64).
+func (m Message) Int(name string) (int64, bool) {
+	switch v := m.Args[name].(type) {
+	case int64:
+		return v, true
+	case int32:
+		return int64(v), true
+	case uint32:
+		return int64(v), true
+	case uint64:
+		return int64(v), v <= math.MaxInt64
+	}
+	return 0, false
+}
+
+// Bool returns the argument name if it is a BOOL.
+func (m Message) Bool(name string) (value, ok bool) {
+	value, ok = m.Args[name].(bool)
+	return value, ok
+}
+
 // MessageHandler is the simple API: it receives every message of a NOTIFY
 // frame and returns the actions to send back. It is a Handler.
 type MessageHandler func(messages []Message) ([]Action, error)
@@ -87,6 +129,7 @@ type Request struct {
 	index    [indexedMessages]msgIndex // where the first messages are
 	sealed   bool
 	names    map[string]string // interned names for the simple API
+	routed   MessageIterator   // the message a Router route is given
 }
 
 // indexedMessages is how many messages a Request locates up front; later
@@ -214,15 +257,20 @@ func (r *Request) decodeMessages() []Message {
 	r.check()
 	msgs := make([]Message, 0, r.nmsgs)
 	for it := r.Messages(); it.Next(); {
-		m := Message{Name: r.intern(it.name()), Args: make(map[string]interface{}, it.NumArgs())}
-		for args := it.Args(); args.Next(); {
-			if _, dup := m.Args[string(args.name)]; !dup {
-				m.Args[r.intern(args.name)] = args.value.Interface()
-			}
-		}
-		msgs = append(msgs, m)
+		msgs = append(msgs, r.decodeMessage(&it))
 	}
 	return msgs
+}
+
+// decodeMessage builds the simple API's message it is positioned on.
+func (r *Request) decodeMessage(it *MessageIterator) Message {
+	m := Message{Name: r.intern(it.name()), Args: make(map[string]interface{}, it.NumArgs())}
+	for args := it.Args(); args.Next(); {
+		if _, dup := m.Args[string(args.name)]; !dup {
+			m.Args[r.intern(args.name)] = args.value.Interface()
+		}
+	}
+	return m
 }
 
 // Interning bounds: names repeat on every request, so the simple API keeps

@@ -1,6 +1,7 @@
 package spoe
 
 import (
+	"expvar"
 	"math/bits"
 	"sync/atomic"
 	"time"
@@ -184,4 +185,14 @@ func (a *Agent) Stats() Stats {
 		st.HandlerLatency[i].Count = s.handlerLatency[i].Load()
 	}
 	return st
+}
+
+// Expvar returns the agent's Stats as an expvar.Var, to publish under a
+// name of your choice (expvar.Publish panics on a name used twice):
+//
+//	expvar.Publish("spoe", agent.Expvar())
+//
+// It is then served as JSON at /debug/vars by expvar's handler.
+func (a *Agent) Expvar() expvar.Var {
+	return expvar.Func(func() interface{} { return a.Stats() })
 }
