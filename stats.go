@@ -31,6 +31,7 @@ type stats struct {
 	disconnectsOut [numStatusStats]atomic.Uint64
 
 	handlerLatency [latencyBuckets]atomic.Uint64
+	handlerTime    atomic.Int64 // nanoseconds, sampled like handlerLatency
 }
 
 // Frame types counted, by index.
@@ -84,6 +85,7 @@ func (s *stats) observeHandler(d time.Duration, n uint64) {
 		i = latencyBuckets - 1
 	}
 	s.handlerLatency[i].Add(n)
+	s.handlerTime.Add(int64(d) * int64(n))
 }
 
 // Stats is a snapshot of an agent's counters, from Agent.Stats.
@@ -118,6 +120,8 @@ type Stats struct {
 	// of each connection (its first, 9th, ...) is timed and counted 8
 	// times: the counts are a sample, their sum close to the calls made.
 	HandlerLatency []LatencyBucket
+	// HandlerTime is the time spent in handlers, sampled the same way.
+	HandlerTime time.Duration
 }
 
 // FrameCounts counts frames by type.
@@ -177,6 +181,7 @@ func (a *Agent) Stats() Stats {
 		DisconnectsIn:  statusCounts(&s.disconnectsIn),
 		DisconnectsOut: statusCounts(&s.disconnectsOut),
 	}
+	st.HandlerTime = time.Duration(s.handlerTime.Load())
 	st.HandlerLatency = make([]LatencyBucket, latencyBuckets)
 	for i := range st.HandlerLatency {
 		if i < latencyBuckets-1 {
