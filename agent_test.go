@@ -2,7 +2,6 @@ package spoe
 
 import (
 	"context"
-	"encoding/binary"
 	"errors"
 	"io"
 	"net"
@@ -461,65 +460,6 @@ func TestGoldenSession(t *testing.T) {
 			}
 			p.send(golden(t, version, disc))
 			p.expectDisconnect(want) // echoes HAProxy's status
-		})
-	}
-}
-
-// TestProtocolErrors: each malformed input gets its AGENT-DISCONNECT status
-// and a close, or is ignored, and another connection is unaffected.
-func TestProtocolErrors(t *testing.T) {
-	notify := func(sid uint64) []byte {
-		payload, _ := appendMessages(nil, []ClientMessage{ipRep(net.IP{1, 2, 3, 4})})
-		return rawFrame(frameNotify, flagFin, sid, 1, payload)
-	}
-	length := func(n uint32) []byte { return binary.BigEndian.AppendUint32(nil, n) }
-	tests := []struct {
-		name      string
-		handshake bool   // send a HELLO first
-		send      []byte // then these bytes
-		status    Status // the expected AGENT-DISCONNECT status
-		ignored   bool   // or: ignored, the connection goes on
-	}{
-		{"zero length", false, length(0), StatusInvalidFrame, false},
-		{"length above max-frame-size", true, append(length(16381), 3), StatusFrameTooBig, false},
-		{"4 GiB length", true, length(0xFFFFFFFF), StatusFrameTooBig, false},
-		{"NOTIFY before HELLO", false, notify(1), StatusInvalidFrame, false},
-		{"second HELLO", true, rawFrame(frameHAProxyHello, flagFin, 0, 0, helloPayload("supported-versions", "2.0", "max-frame-size", uint32(16380))), StatusInvalidFrame, false},
-		{"HELLO without version", false, rawFrame(frameHAProxyHello, flagFin, 0, 0, helloPayload("max-frame-size", uint32(16380))), StatusNoVersion, false},
-		{"HELLO without max-frame-size", false, rawFrame(frameHAProxyHello, flagFin, 0, 0, helloPayload("supported-versions", "2.0")), StatusNoFrameSize, false},
-		{"HELLO version 1.0", false, rawFrame(frameHAProxyHello, flagFin, 0, 0, helloPayload("supported-versions", "1.0", "max-frame-size", uint32(16380))), StatusUnsupportedVersion, false},
-		{"HELLO max-frame-size 255", false, rawFrame(frameHAProxyHello, flagFin, 0, 0, helloPayload("supported-versions", "2.0", "max-frame-size", uint32(255))), StatusBadFrameSize, false},
-		{"HELLO with ids", false, rawFrame(frameHAProxyHello, flagFin, 1, 0, helloPayload("supported-versions", "2.0", "max-frame-size", uint32(16380))), StatusInvalidFrame, false},
-		{"HELLO without FIN", false, rawFrame(frameHAProxyHello, 0, 0, 0, helloPayload("supported-versions", "2.0", "max-frame-size", uint32(16380))), StatusFragmentationNotSupported, false},
-		{"eleven-byte varint id", true, append(length(17), unhex(t, "03 00 00 00 01 FF FF FF FF FF FF FF FF FF FF 00 00")...), StatusInvalidFrame, false},
-		{"string past the frame", true, rawFrame(frameNotify, flagFin, 1, 1, unhex(t, "01 6D 01 01 61 08 10 61")), StatusInvalidFrame, false},
-		{"nb-args larger than present", true, rawFrame(frameNotify, flagFin, 1, 1, unhex(t, "01 6D 03 01 61 04 01")), StatusInvalidFrame, false},
-		{"unknown type byte", true, rawFrame(frameNotify, flagFin, 1, 1, unhex(t, "01 6D 01 01 61 0C")), StatusInvalidFrame, false},
-		{"agent frame type from the peer", true, rawFrame(frameAck, flagFin, 1, 1, nil), StatusInvalidFrame, false},
-		{"unknown frame type", true, rawFrame(frameType(42), flagFin, 1, 1, []byte("xyz")), 0, true},
-		{"UNSET with no NOTIFY", true, rawFrame(frameUnset, flagFin, 1, 1, []byte("x")), 0, true},
-		{"interlaced NOTIFY during fragments", true, append(rawFrame(frameNotify, 0, 1, 1, []byte{1, 'm'}), notify(2)...), StatusInterlacedFrames, false},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			a := New(seedHandler)
-			addr := startAgent(t, a)
-			other := dialAgent(t, addr, ClientConfig{})
-			p := dialRaw(t, addr)
-			if tt.handshake {
-				p.hello("pipelining", "e", 16380)
-			}
-			p.send(tt.send)
-			if tt.ignored {
-				p.send(notify(7))
-				f := p.next()
-				assert.Equal(t, frameAck, f.typ, "the connection goes on")
-				assert.Equal(t, uint64(7), f.streamID)
-			} else {
-				p.expectDisconnect(tt.status)
-			}
-			_, err := other.Notify(notifyCtx(t), ipRep(net.IP{1, 1, 1, 1}))
-			assert.NoError(t, err, "another connection is unaffected")
 		})
 	}
 }

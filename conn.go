@@ -834,6 +834,7 @@ func (c *conn) closeSocket() {
 		c.wclosed = true
 		c.wmu.Unlock()
 		c.nc.Close()
+		c.agent.connClosed()
 		if c.engine != nil {
 			c.engine.leave(c)
 		}

@@ -356,6 +356,8 @@ func (a *Agent) trackListener(l *net.Listener, add bool) bool {
 	return true
 }
 
+// trackConn adds c to the agent's connections, or forgets it once its
+// loop and every handler that ran on it are done.
 func (a *Agent) trackConn(c *conn, add bool) bool {
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -368,17 +370,20 @@ func (a *Agent) trackConn(c *conn, add bool) bool {
 		a.stats.connsTotal.Add(1)
 		return true
 	}
-	if _, ok := a.conns[c]; ok {
-		delete(a.conns, c)
-		a.stats.connsOpen.Add(-1)
-		if a.connSlots != nil {
-			<-a.connSlots
-		}
-	}
+	delete(a.conns, c)
 	if a.shutdown.Load() && len(a.conns) == 0 {
 		a.closeDrained()
 	}
 	return true
+}
+
+// connClosed accounts for a closed socket: it no longer counts as open nor
+// against MaxConns, even while handlers that ran on it finish.
+func (a *Agent) connClosed() {
+	a.stats.connsOpen.Add(-1)
+	if a.connSlots != nil {
+		<-a.connSlots
+	}
 }
 
 func (a *Agent) closeDrained() {
