@@ -195,4 +195,3 @@ func TestLateHandlerNeverWritesElsewhere(t *testing.T) {
 	f := fresh.next()
 	assert.Equal(t, uint64(2), f.streamID, "the first frame on the new connection is its own ACK")
 }
-
