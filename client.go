@@ -50,6 +50,7 @@ type DisconnectError struct {
 	Message string
 }
 
+// Error says which status and message the agent disconnected with.
 func (e *DisconnectError) Error() string {
 	return fmt.Sprintf("spoe: agent disconnected: status %d (%s): %q", uint32(e.Status), e.Status, e.Message)
 }
