@@ -53,8 +53,9 @@ func dialAgent(t testing.TB, addr string, cfg ClientConfig) *Client {
 	return c
 }
 
+// notifyCtx bounds a test's requests: generous, as CI machines are shared.
 func notifyCtx(t testing.TB) context.Context {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	t.Cleanup(cancel)
 	return ctx
 }
@@ -550,7 +551,7 @@ func TestAsyncACKOnSibling(t *testing.T) {
 	assert.Equal(t, frameAck, f.typ)
 	assert.Equal(t, uint64(77), f.streamID)
 	assert.Equal(t, uint64(3), f.frameID)
-	assert.Equal(t, uint64(1), a.Stats().ACKsRerouted)
+	waitFor(t, func() bool { return a.Stats().ACKsRerouted == 1 }, "the ACK counted as rerouted")
 
 	quick, _ := appendMessages(nil, []ClientMessage{{Name: "quick"}})
 	stranger.send(rawFrame(frameNotify, flagFin, 5, 1, quick))
@@ -766,4 +767,75 @@ func (r *engines) lookup(id string) int {
 		return 0
 	}
 	return e.len()
+}
+
+// TestAsyncEngineLingers: with async, an ACK whose connection closed while
+// no other connection of its engine was alive waits for the next one
+// HAProxy opens with that engine-id.
+func TestAsyncEngineLingers(t *testing.T) {
+	release := make(chan struct{})
+	started := make(chan struct{}, 1)
+	a := &Agent{Handler: HandlerFunc(func(w *ActionWriter, r *Request) error {
+		if msgs := r.Messages(); msgs.Next() && msgs.NameIs("slow") {
+			started <- struct{}{}
+			<-release
+		}
+		return w.SetInt(VarScopeTransaction, "sid", int64(r.StreamID()))
+	})}
+	addr := startAgent(t, a)
+	origin := dialRaw(t, addr)
+	origin.hello("pipelining,async", "engine-L", 16380)
+	payload, _ := appendMessages(nil, []ClientMessage{{Name: "slow"}})
+	origin.send(rawFrame(frameNotify, flagFin, 41, 2, payload))
+	<-started
+	origin.nc.Close()
+	waitFor(t, func() bool { return a.Stats().ConnsOpen == 0 }, "origin closed")
+	close(release)
+	waitFor(t, func() bool { return a.Stats().InFlight == 0 }, "the handler returned")
+	assert.Zero(t, a.Stats().ACKsDropped, "held by the lingering engine")
+
+	next := dialRaw(t, addr)
+	next.hello("pipelining,async", "engine-L", 16380)
+	f := next.next()
+	assert.Equal(t, frameAck, f.typ)
+	assert.Equal(t, uint64(41), f.streamID)
+	assert.Equal(t, uint64(2), f.frameID)
+	waitFor(t, func() bool { return a.Stats().ACKsRerouted == 1 }, "the ACK counted as rerouted")
+
+	other := dialRaw(t, addr)
+	other.hello("pipelining,async", "engine-M", 16380)
+	quick, _ := appendMessages(nil, []ClientMessage{{Name: "quick"}})
+	other.send(rawFrame(frameNotify, flagFin, 5, 1, quick))
+	assert.Equal(t, uint64(5), other.next().streamID, "the other engine saw nothing of engine-L's ACK")
+	assert.Zero(t, a.Stats().HandlerPanics)
+}
+
+// TestAsyncEngineExpires: a lingering engine no connection joins goes away,
+// dropping (and counting) what it held.
+func TestAsyncEngineExpires(t *testing.T) {
+	defer func(d time.Duration) { engineLinger = d }(engineLinger)
+	engineLinger = 50 * time.Millisecond
+	release := make(chan struct{})
+	started := make(chan struct{}, 1)
+	a := &Agent{Handler: HandlerFunc(func(w *ActionWriter, r *Request) error {
+		started <- struct{}{}
+		<-release
+		return nil
+	})}
+	origin := dialRaw(t, startAgent(t, a))
+	origin.hello("pipelining,async", "engine-X", 16380)
+	payload, _ := appendMessages(nil, []ClientMessage{{Name: "slow"}})
+	origin.send(rawFrame(frameNotify, flagFin, 1, 1, payload))
+	<-started
+	origin.nc.Close()
+	waitFor(t, func() bool { return a.engines.lookup("engine-X") == 0 && !a.engines.has("engine-X") }, "the engine expired")
+	close(release)
+	waitFor(t, func() bool { return a.Stats().ACKsDropped == 1 }, "the ACK dropped")
+}
+
+// has reports whether the engine id is registered, lingering or not.
+func (r *engines) has(id string) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.m[id] != nil
 }

@@ -473,12 +473,16 @@ func (c *conn) deliver(ack []byte) {
 		a.stats.framesOut[frameStat(frameAck)].Add(1)
 		return
 	}
-	if c.caps&capAsync != 0 && c.engine != nil && c.engine.send(append([]byte(nil), ack...)) {
-		a.stats.framesOut[frameStat(frameAck)].Add(1)
-		a.stats.acksRerouted.Add(1)
-		return
+	c.reroute(append([]byte(nil), ack...))
+}
+
+// reroute gives ACK frames that cannot leave on this connection to its
+// engine, with async, or drops them.
+func (c *conn) reroute(frames []byte) {
+	if c.caps&capAsync != 0 && c.engine != nil && c.engine.send(frames) {
+		return // counted by the engine
 	}
-	a.stats.acksDropped.Add(1)
+	c.agent.stats.acksDropped.Add(uint64(countFrames(frames)))
 }
 
 // acquire waits for a handler slot of the connection and of the agent.
@@ -754,8 +758,8 @@ func (c *conn) writeFailed(err error, lost []byte) {
 	if !isNormalEnd(err) {
 		c.log().WithError(err).Warn("spoe: write failed, closing the connection")
 	}
-	if len(lost) > 0 && c.caps&capAsync != 0 && c.engine != nil && c.engine.send(lost) {
-		c.agent.stats.acksRerouted.Add(1)
+	if len(lost) > 0 {
+		c.reroute(lost)
 	}
 	c.closeSocket()
 }
@@ -785,7 +789,15 @@ func (c *conn) end(err error) {
 		return
 	}
 	a := c.agent
-	c.flush()
+	if isNormalEnd(err) {
+		// HAProxy is gone: what was gathered for it goes to the engine.
+		if c.out != nil && len(c.out.b) > 0 {
+			c.reroute(append([]byte(nil), c.out.b...))
+			c.out.b = c.out.b[:0]
+		}
+	} else {
+		c.flush()
+	}
 	switch {
 	case err == errDraining || c.drainReq.Load() && isTimeout(err):
 		// Shutdown: once the running handlers are done and their ACKs out.

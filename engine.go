@@ -3,6 +3,7 @@ package spoe
 import (
 	"context"
 	"sync"
+	"time"
 )
 
 // An engine is one HAProxy SPOE engine, known by the engine-id of its
@@ -13,8 +14,11 @@ import (
 // With the async capability (HAProxy 2.6 to 3.0) HAProxy accepts an ACK on
 // any connection of the NOTIFY's engine. ACKs whose own connection is gone
 // go through the engine's channel, which one goroutine drains onto the
-// engine's live connections. The engine goes away with its last connection;
-// ACKs still queued then are dropped, and counted.
+// engine's live connections. When an async engine loses its last
+// connection, it lingers for engineLinger: ACKs still due wait for the next
+// connection HAProxy opens with that engine-id (2.6 never answers a client
+// whose pending ACK never comes). Then, or at once for an engine that never
+// negotiated async, it goes away; ACKs left are dropped, and counted.
 type engine struct {
 	id       string
 	registry *engines
@@ -24,16 +28,22 @@ type engine struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 
-	acks     chan []byte // whole ACK frames waiting for a connection
+	acks     chan []byte   // whole ACK frames waiting for a connection
+	joined   chan struct{} // a connection joined: the pump retries what it holds
 	pumpOnce sync.Once
 
-	mu    sync.Mutex // guards conns; registry.mu is taken before it
-	conns []*conn    // live connections, in joining order
+	mu     sync.Mutex // guards what follows; registry.mu is taken before it
+	conns  []*conn    // live connections, in joining order
+	async  bool       // a connection negotiated async
+	linger *time.Timer
 }
 
 // engineQueue is how many ACKs an engine holds while they wait for a live
 // connection; beyond that they are dropped.
 const engineQueue = 256
+
+// engineLinger is how long an async engine outlives its last connection.
+var engineLinger = 10 * time.Second
 
 // engines is the registry of engines by engine-id.
 type engines struct {
@@ -51,17 +61,28 @@ func (r *engines) join(id string, c *conn) *engine {
 		if r.m == nil {
 			r.m = make(map[string]*engine)
 		}
-		e = &engine{id: id, registry: r, acks: make(chan []byte, engineQueue)}
+		e = &engine{id: id, registry: r, acks: make(chan []byte, engineQueue), joined: make(chan struct{}, 1)}
 		e.ctx, e.cancel = context.WithCancel(r.agent.baseContext())
 		r.m[id] = e
 	}
 	e.mu.Lock()
 	e.conns = append(e.conns, c)
+	if c.caps&capAsync != 0 {
+		e.async = true
+	}
+	if e.linger != nil {
+		e.linger.Stop()
+	}
 	e.mu.Unlock()
+	select {
+	case e.joined <- struct{}{}:
+	default:
+	}
 	return e
 }
 
-// leave removes c from its engine; the last connection to leave ends it.
+// leave removes c from its engine. The last connection to leave ends the
+// engine, at once or, for an async one, after engineLinger.
 func (e *engine) leave(c *conn) {
 	r := e.registry
 	r.mu.Lock()
@@ -73,12 +94,50 @@ func (e *engine) leave(c *conn) {
 		}
 	}
 	last := len(e.conns) == 0
+	if last && e.async && e.ctx.Err() == nil {
+		if e.linger == nil {
+			e.linger = time.AfterFunc(engineLinger, e.expire)
+		} else {
+			e.linger.Reset(engineLinger)
+		}
+		last = false
+	}
 	e.mu.Unlock()
 	if last && r.m[e.id] == e {
 		delete(r.m, e.id)
 	}
 	r.mu.Unlock()
 	if last {
+		e.cancel()
+	}
+}
+
+// endAll ends every engine at once (Shutdown, once no connection is left).
+func (r *engines) endAll() {
+	r.mu.Lock()
+	ended := make([]*engine, 0, len(r.m))
+	for id, e := range r.m {
+		ended = append(ended, e)
+		delete(r.m, id)
+	}
+	r.mu.Unlock()
+	for _, e := range ended {
+		e.cancel()
+	}
+}
+
+// expire ends an engine that lingered without a connection joining.
+func (e *engine) expire() {
+	r := e.registry
+	r.mu.Lock()
+	e.mu.Lock()
+	empty := len(e.conns) == 0
+	e.mu.Unlock()
+	if empty && r.m[e.id] == e {
+		delete(r.m, e.id)
+	}
+	r.mu.Unlock()
+	if empty {
 		e.cancel()
 	}
 }
@@ -90,9 +149,10 @@ func (e *engine) len() int {
 	return len(e.conns)
 }
 
-// send queues whole ACK frames (owned by the engine from now on) for any
-// live connection of the engine. It reports false when they were dropped:
-// the engine is gone or its queue is full.
+// send queues whole ACK frames (owned by the engine from now on) for a live
+// connection of the engine, and counts them once they leave or are
+// dropped. It reports false when they cannot be queued: the engine is gone
+// or its queue is full.
 func (e *engine) send(frames []byte) bool {
 	if e.ctx.Err() != nil {
 		return false
@@ -110,22 +170,47 @@ func (e *engine) send(frames []byte) bool {
 	}
 }
 
-// pump writes queued ACKs to the engine's live connections until the
-// engine goes away.
+// pump writes queued ACKs to the engine's live connections, holding those
+// that find none until a connection joins, until the engine goes away.
 func (e *engine) pump() {
 	a := e.registry.agent
 	defer a.goroutines.Done()
+	var held [][]byte
+	deliver := func(frames []byte) bool {
+		if !e.deliver(frames) {
+			return false
+		}
+		n := uint64(countFrames(frames))
+		a.stats.framesOut[frameStat(frameAck)].Add(n)
+		a.stats.acksRerouted.Add(n)
+		return true
+	}
 	for {
 		select {
 		case frames := <-e.acks:
-			if !e.deliver(frames) {
-				a.stats.acksDropped.Add(1)
+			if !deliver(frames) {
+				if len(held) < engineQueue {
+					held = append(held, frames)
+				} else {
+					a.stats.acksDropped.Add(uint64(countFrames(frames)))
+				}
 			}
+		case <-e.joined:
+			kept := held[:0]
+			for _, frames := range held {
+				if !deliver(frames) {
+					kept = append(kept, frames)
+				}
+			}
+			held = kept
 		case <-e.ctx.Done():
+			for _, frames := range held {
+				a.stats.acksDropped.Add(uint64(countFrames(frames)))
+			}
 			for {
 				select {
-				case <-e.acks:
-					a.stats.acksDropped.Add(1)
+				case frames := <-e.acks:
+					a.stats.acksDropped.Add(uint64(countFrames(frames)))
 				default:
 					return
 				}

@@ -151,6 +151,21 @@ func readFrame(r io.Reader, buf []byte, maxFrameSize int) ([]byte, error) {
 	return buf, nil
 }
 
+// countFrames returns the number of whole frames at the start of b, a run
+// of frames the agent built.
+func countFrames(b []byte) int {
+	n := 0
+	for len(b) >= lengthSize {
+		l := int(binary.BigEndian.Uint32(b))
+		if len(b) < lengthSize+l {
+			break
+		}
+		b = b[lengthSize+l:]
+		n++
+	}
+	return n
+}
+
 // buffer is a pooled byte buffer for reading frames and gathering ACKs.
 // Buffers come in size classes, powers of two from minBufferSize, so that a
 // connection reading small frames never holds a big buffer.

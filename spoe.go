@@ -434,6 +434,7 @@ func (a *Agent) Shutdown(ctx context.Context) error {
 	go func() {
 		select {
 		case <-a.drained:
+			a.engines.endAll() // lingering ones: no connection can join now
 			a.goroutines.Wait()
 		case <-ctx.Done():
 		}
