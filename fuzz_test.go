@@ -1282,6 +1282,7 @@ func FuzzReassembly(f *testing.F) {
 	f.Add([]byte{2, 0, 1, 0, 3, 4, 0})                               // UNSETs with no NOTIFY
 	f.Add([]byte{0x10, 2, 1, 'm', 4, 0})                             // NOTIFY without FIN but ABORT
 	f.Add([]byte{7, 2, 1, 'm', 4, 0})                                // NOTIFY FIN|ABORT
+	f.Add([]byte{4})                                                 // an empty NOTIFY
 
 	f.Fuzz(func(t *testing.T, b []byte) {
 		ops := parseFragOps(b)
@@ -1319,7 +1320,7 @@ func FuzzReassembly(f *testing.F) {
 		// Exactly the reassembled payloads reached the handler, in order.
 		require.Equal(t, len(m.payloads), len(calls), "handler calls")
 		for i := range calls {
-			require.Equal(t, m.payloads[i], calls[i], "payload of handler call %d", i)
+			require.True(t, bytes.Equal(m.payloads[i], calls[i]), "payload of handler call %d: %x, want %x", i, calls[i], m.payloads[i])
 		}
 
 		require.NotEmpty(t, frames)
