@@ -1215,7 +1215,19 @@ func (h *fragRecorder) ServeSPOE(_ *ActionWriter, r *Request) error {
 	h.mu.Lock()
 	h.payloads = append(h.payloads, bytes.Clone(r.payload))
 	h.mu.Unlock()
+	slowHandler(r)
 	return nil
+}
+
+// slowHandlerTime is how long a handler takes on a frame whose first
+// message is called "slow": longer than the inline budget, so that the
+// connection's reading moves to another goroutine while it runs (a rescue).
+const slowHandlerTime = 300 * time.Microsecond
+
+func slowHandler(r *Request) {
+	if it := r.Messages(); it.Next() && it.NameIs("slow") {
+		time.Sleep(slowHandlerTime) // a slow lookup
+	}
 }
 
 func (h *fragRecorder) take() [][]byte {
@@ -1283,6 +1295,9 @@ func FuzzReassembly(f *testing.F) {
 	f.Add([]byte{0x10, 2, 1, 'm', 4, 0})                             // NOTIFY without FIN but ABORT
 	f.Add([]byte{7, 2, 1, 'm', 4, 0})                                // NOTIFY FIN|ABORT
 	f.Add([]byte{4})                                                 // an empty NOTIFY
+	slow, _ := appendMessages(nil, []ClientMessage{{Name: "slow"}})
+	f.Add(append(append(fragProgram(false, slow, 2), 4, byte(len(slow))), slow...)) // a rescue, then a NOTIFY
+	f.Add(append(append([]byte{4, byte(len(slow))}, slow...), fragProgram(true, ipRep, 4)...))
 
 	f.Fuzz(func(t *testing.T, b []byte) {
 		ops := parseFragOps(b)
@@ -1392,7 +1407,8 @@ func missingACKs(want, got []ackKey) []ackKey {
 // still work after, and the agent's counters agree with what it sent.
 
 // echoHandler answers each message by echoing its arguments as variables,
-// with both APIs at work: "fail" makes it return an error, "panic" panic.
+// with both APIs at work: "fail" makes it return an error, "panic" panic,
+// "slow" take longer than the inline budget.
 // It counts in lost the frames whose simple-API decoding lost messages.
 func echoHandler(lost *atomic.Int64) HandlerFunc {
 	return func(w *ActionWriter, r *Request) error {
@@ -1411,6 +1427,8 @@ func echoEachArg(w *ActionWriter, r *Request) error {
 			return errors.New("fuzz: handler failed")
 		case it.NameIs("panic"):
 			panic("fuzz: handler panicked")
+		case it.NameIs("slow"):
+			slowHandler(r)
 		}
 		for args := it.Args(); args.Next(); i++ {
 			_ = w.SetVar(VarScopeTransaction, "a"+strconv.Itoa(i), args.Value())
@@ -1450,6 +1468,15 @@ func FuzzConnection(f *testing.F) {
 	fail, _ := appendMessages(nil, []ClientMessage{{Name: "fail"}})
 	panics, _ := appendMessages(nil, []ClientMessage{{Name: "panic"}})
 	f.Add(append(append([]byte{1}, rawFrame(frameNotify, flagFin, 1, 1, fail)...), rawFrame(frameNotify, flagFin, 2, 1, panics)...))
+	slow, _ := appendMessages(nil, []ClientMessage{{Name: "slow", Args: []Arg{{"a", int64(1)}}}})
+	var slows []byte
+	for sid := uint64(1); sid <= 4; sid++ {
+		slows = append(slows, rawFrame(frameNotify, flagFin, sid, 1, slow)...)
+	}
+	f.Add(append([]byte{2}, slows...))
+	// testdata/fuzz/FuzzConnection/slow-notifies-then-disconnect: the same
+	// on a 2.6 HELLO, then HAProxy's DISCONNECT.
+	f.Add(append(append([]byte{3}, slows...), rawFrame(frameNotify, 0, 9, 1, slow[:3])...)) // then fragments
 	big, _ := appendMessages(nil, []ClientMessage{{Name: "m", Args: []Arg{{"s", strings.Repeat("x", 240)}, {"t", "y"}}}})
 	f.Add(append([]byte{3}, rawFrame(frameNotify, flagFin, 1, 1, big)...)) // an ACK too big for 256 bytes
 	f.Add(append([]byte{1}, append(rawFrame(frameNotify, 0, 1, 1, big[:100]), rawFrame(frameUnset, flagFin, 1, 1, big[100:])...)...))
