@@ -41,6 +41,7 @@ func TestBadInput(t *testing.T) {
 		peerCloses bool   // the peer closes its side after sending
 	}{
 		{"zero length", false, length(0), disconnects, StatusInvalidFrame, false},
+		{"frame above 16 KiB before the handshake", false, append(length(16<<10+1), 1), disconnects, StatusFrameTooBig, false},
 		{"length above max-frame-size, refused before its payload", true, append(length(16381), 3), disconnects, StatusFrameTooBig, false},
 		{"4 GiB length", true, length(0xFFFFFFFF), disconnects, StatusFrameTooBig, false},
 		{"truncated header, then the peer leaves", true, []byte{0, 0}, closesQuietly, 0, true},

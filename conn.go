@@ -5,12 +5,12 @@ package spoe
 //   - the loop role reads frames, handles each NOTIFY inline (in the
 //     reading goroutine) and gathers the ACKs of one read in c.out, written
 //     with one write before the next blocking read;
-//   - when an inline handler outlasts inlineBudget, a timer rescues the
-//     connection: the timer's goroutine takes the loop role over (with fresh
-//     buffers and the ACKs gathered so far, which it writes at once), and
-//     the slow handler's goroutine, once done, delivers its own ACK and
-//     exits. Pipelined frames are so handled concurrently, while quick
-//     handlers cost no goroutine switch at all;
+//   - when an inline handler runs for long, a timer rescues the connection:
+//     the timer's goroutine takes the loop role over (with fresh buffers and
+//     the ACKs gathered so far, which it writes at once), and the slow
+//     handler's goroutine, once done, delivers its own ACK and exits. When
+//     handlers have lately been slow on the whole (Agent.slowHandlers),
+//     frames are not run inline at all but each given a goroutine at once;
 //   - writes go through write(), which lets one goroutine write at a time
 //     and gathers what others bring meanwhile into its next write.
 //
@@ -34,15 +34,25 @@ import (
 	"github.com/sirupsen/logrus"
 )
 
-// inlineBudget is how long a handler may run inline, holding up the frames
-// behind it on its connection, before another goroutine takes the
-// connection's reading over.
+// inlineBudget is the period of the rescue timer: a handler found running
+// inline at two firings in a row is rescued. Go's timers are coarse (about
+// a millisecond when the process is idle), so in practice a handler is
+// rescued after 1 to 4 ms.
 var inlineBudget = 50 * time.Microsecond
+
+// dispatchThreshold: when the moving average of handler durations exceeds
+// it, frames go to goroutines of their own at once (their cost is small
+// beside such handlers) instead of waiting behind one another.
+const dispatchThreshold = 50 * time.Microsecond
 
 // lingerTimeout bounds how long a closing connection waits for HAProxy to
 // close after the agent's last frame (a close with unread data would reset
 // the connection and could lose that frame).
 const lingerTimeout = time.Second
+
+// maxHelloFrame bounds frames before the handshake: a HAPROXY-HELLO is
+// about 130 bytes.
+const maxHelloFrame = 16 << 10
 
 // Ends of a connection that are not errors to report.
 var (
@@ -50,7 +60,20 @@ var (
 	errHealthcheck = errors.New("spoe: health check answered")       // quiet end
 	errDraining    = errors.New("spoe: agent shutting down")         // drain, then DISCONNECT 0
 	errPeerClosed  = errors.New("spoe: HAProxy sent DISCONNECT")     // already answered
-	errWriteClosed = errors.New("spoe: connection closed for write") // write after the end
+	errWriteClosed = errors.New("spoe: connection closed for write") // the frames are still the caller's
+)
+
+// writeError is a write that failed: logged where it happened.
+type writeError struct{ err error }
+
+func (e *writeError) Error() string { return "spoe: write: " + e.err.Error() }
+func (e *writeError) Unwrap() error { return e.err }
+
+// Read deadline kinds.
+const (
+	deadlineNone = iota
+	deadlineIdle
+	deadlineFrame
 )
 
 // Bits of conn.state.
@@ -64,13 +87,6 @@ const (
 // the clock costs as much as a small handler), and counted that many times.
 const latencySampling = 8
 
-// Read deadline kinds.
-const (
-	deadlineNone = iota
-	deadlineIdle
-	deadlineFrame
-)
-
 type conn struct {
 	agent *Agent
 	nc    net.Conn
@@ -80,10 +96,16 @@ type conn struct {
 	// Set by the handshake, read-only after.
 	maxFrame   int
 	caps       capabilities
-	engine     *engine
+	engineID   string
 	handshaken bool
-	ctx        context.Context // parent of request contexts
-	cancel     context.CancelFunc
+	helloSent  bool
+
+	// Guarded by lifeMu: set by the handshake, read by closeSocket.
+	lifeMu sync.Mutex
+	closed bool
+	engine *engine            // async connections only
+	ctx    context.Context    // parent of request contexts
+	cancel context.CancelFunc //
 
 	// Owned by the goroutine holding the loop role.
 	in       *buffer // read buffer, nil when idle
@@ -94,9 +116,11 @@ type conn struct {
 	frag     reassembly
 	ex       *exchange
 	out      *buffer // ACKs gathered for the next write
+	frames   uint64  // frames read
 	dlKind   int
 	dlAt     time.Time
-	draining bool
+	dlFrames uint64 // frames read when the frame deadline was set
+	calls    uint64 // handler calls, for sampling their latency
 
 	// state is seq<<2 | stateRescuing | stateInline, seq counting inline
 	// handler calls and rescues: a handler's goroutine learns from it,
@@ -109,7 +133,6 @@ type conn struct {
 	timer      *time.Timer
 	timerArmed atomic.Bool
 	lastSeen   atomic.Uint64
-	calls      uint64 // handler calls, for sampling their latency
 
 	// Handlers running on this connection.
 	inflight atomic.Int32
@@ -118,23 +141,25 @@ type conn struct {
 	waiters  atomic.Int32
 	dead     atomic.Bool // closed: waiters give up
 
-	// Write side.
-	wmu      sync.Mutex
-	wcond    sync.Cond
-	writing  bool
-	wclosed  bool
-	pending  []byte
-	wdlAt    time.Time
+	// Write side, guarded by wmu.
+	wmu     sync.Mutex
+	wcond   sync.Cond
+	writing bool
+	wclosed bool // no frame is accepted any more
+	pending []byte
+	wdlAt   time.Time
+
 	dlMu     sync.Mutex // orders read-deadline changes with startDrain
 	drainReq atomic.Bool
-	closed   sync.Once
+	once     sync.Once
 }
 
 // exchange is what one NOTIFY needs while its handler runs: pooled.
 type exchange struct {
-	req Request
-	w   ActionWriter
-	ack []byte
+	req   Request
+	w     ActionWriter
+	ack   []byte
+	frame []byte // the payload, copied, for a handler dispatched at once
 }
 
 var exchangePool = sync.Pool{New: func() interface{} { return new(exchange) }}
@@ -149,11 +174,14 @@ func putExchange(ex *exchange) {
 	if cap(ex.ack) > 64<<10 {
 		ex.ack = nil
 	}
+	if cap(ex.frame) > 64<<10 {
+		ex.frame = nil
+	}
 	exchangePool.Put(ex)
 }
 
 func newConn(a *Agent, nc net.Conn) *conn {
-	c := &conn{agent: a, nc: nc, maxFrame: a.maxFrameSize()}
+	c := &conn{agent: a, nc: nc, maxFrame: maxHelloFrame}
 	c.refs.Store(1)
 	c.waitCond.L = &c.waitMu
 	c.wcond.L = &c.wmu
@@ -193,32 +221,41 @@ func (c *conn) handshake() error {
 		return err
 	}
 	a := c.agent
+	a.stats.framesIn[frameStat(f.typ)].Add(1)
 	c.maxFrame = negotiateFrameSize(h.maxFrameSize, a.maxFrameSize())
 	c.caps = h.caps&(capPipelining|capAsync) | capFragmentation
+	c.engineID = h.engineID
 	hello := appendAgentHello(c.outBuf(), c.maxFrame, c.caps)
 	c.out.b = hello[:0]
+	if err := c.write(hello, false); err != nil {
+		return err
+	}
+	c.helloSent = true
+	a.stats.framesOut[frameStat(frameAgentHello)].Add(1)
 	if h.healthcheck {
 		a.stats.healthchecks.Add(1)
-		a.stats.framesOut[frameStat(frameAgentHello)].Add(1)
-		if err := c.write(hello); err != nil {
-			return err
-		}
 		return errHealthcheck
 	}
+	c.lifeMu.Lock()
+	defer c.lifeMu.Unlock()
+	if c.closed {
+		return net.ErrClosed
+	}
 	c.ctx, c.cancel = context.WithCancel(a.base)
-	if h.engineID != "" {
-		c.engine = a.engines.join(h.engineID, c)
+	if c.caps&capAsync != 0 && h.engineID != "" {
+		// Only now that the AGENT-HELLO is out: the engine may write held
+		// ACKs on this connection as soon as it joins.
+		a.engines.join(h.engineID, c)
 	}
 	c.handshaken = true
-	a.stats.framesOut[frameStat(frameAgentHello)].Add(1)
-	return c.write(hello)
+	return nil
 }
 
 // requestContext is the parent of the contexts of this connection's
 // requests: with async, the engine's, as their ACKs may leave on another
 // of its connections.
 func (c *conn) requestContext() context.Context {
-	if c.caps&capAsync != 0 && c.engine != nil {
+	if c.engine != nil {
 		return c.engine.ctx
 	}
 	return c.ctx
@@ -232,9 +269,6 @@ func (c *conn) loop() error {
 			return err
 		}
 		c.agent.stats.framesIn[frameStat(f.typ)].Add(1)
-		if c.frag.active && !(f.typ == frameUnset || f.typ == frameHAProxyDisconnect) {
-			return errInterlaced
-		}
 		switch f.typ {
 		case frameNotify:
 			err = c.onNotify(&f)
@@ -256,6 +290,9 @@ func (c *conn) loop() error {
 }
 
 func (c *conn) onNotify(f *frame) error {
+	if c.frag.active {
+		return errInterlaced
+	}
 	if !f.fin() {
 		if c.caps&capFragmentation == 0 {
 			return errFragmented
@@ -336,13 +373,20 @@ func (c *conn) onDisconnect(f *frame) error {
 	} else {
 		entry.Warn("spoe: HAProxy closed the connection on an error")
 	}
-	c.flush()
+	// HAProxy reads nothing but the AGENT-DISCONNECT from now on: with
+	// async, the ACKs gathered go to another connection of the engine.
+	if c.engine != nil {
+		c.rerouteOut()
+	} else {
+		_ = c.flush()
+	}
 	c.disconnect(d.status, d.status.String())
 	return errPeerClosed
 }
 
-// handle validates one whole NOTIFY and runs the handler on it inline,
-// under the rescue timer.
+// handle validates one whole NOTIFY and runs the handler on it: inline,
+// under the rescue timer, or at once in a goroutine of its own when
+// handlers are slow.
 func (c *conn) handle(streamID, frameID uint64, payload []byte) error {
 	ex := c.ex
 	if ex == nil {
@@ -357,43 +401,38 @@ func (c *conn) handle(streamID, frameID uint64, payload []byte) error {
 	}
 	a := c.agent
 	ex.req.parent, ex.req.streamID, ex.req.frameID = c.requestContext(), streamID, frameID
-	ex.req.ctx, ex.req.cancel, ex.req.sealed = nil, nil, false
-	if c.engine != nil {
-		ex.req.engineID = c.engine.id
-	}
+	ex.req.ctx, ex.req.cancel, ex.req.sealed, ex.req.engineID = nil, nil, false, c.engineID
 	ex.w.reset(ex.ack[:0], streamID, frameID, c.maxFrame, a.prefixLen())
-	in := c.in
-
-	if c.timer == nil {
-		// Made before the inline state is published: the rescue it runs
-		// takes the loop role, c.timer included.
-		c.timer = time.AfterFunc(math.MaxInt64, c.rescue)
-	}
 	sampled := c.calls%latencySampling == 0
 	c.calls++
-	// From here on, until the CompareAndSwap below succeeds, a rescue may
-	// own the loop's fields: touch none of them.
-	inline := (c.state.Load() + stateSeq) | stateInline
-	c.state.Store(inline)
+
+	if a.slowHandlers() {
+		// The frame's bytes go with it: the read buffer moves on.
+		ex.frame = append(ex.frame[:0], payload...)
+		ex.req.payload = ex.frame // the index is offsets: still right
+		c.ex = nil
+		c.refs.Add(1)
+		a.goroutines.Add(1)
+		go c.dispatched(ex, sampled)
+		return nil
+	}
+
+	if c.timer == nil {
+		c.timer = time.AfterFunc(math.MaxInt64, c.rescue)
+	}
 	if !c.timerArmed.Load() {
 		c.timerArmed.Store(true)
 		c.timer.Reset(inlineBudget)
 	}
-	var start time.Duration
-	if sampled {
-		start = monotime()
-	}
-	a.serveNotify(&ex.w, &ex.req)
-	if sampled {
-		a.stats.observeHandler(monotime()-start, latencySampling)
-	}
-	ack := ex.w.finish()
-	ex.ack = ack[:0]
-	ex.req.sealed, ex.w.sealed = poisonViews, poisonViews
+	in := c.in
+	// From here on, until the CompareAndSwap below succeeds, a rescue may
+	// own the loop's fields: touch none of them.
+	inline := (c.state.Load() + stateSeq) | stateInline
+	c.state.Store(inline)
+	ack := c.run(ex, sampled)
 	if poisonViews {
 		poison(payload)
 	}
-
 	if !c.state.CompareAndSwap(inline, inline&^stateInline) {
 		// Rescued: the loop role went on without us. Once the rescuer is
 		// done with our read buffer, deliver our own ACK.
@@ -419,10 +458,52 @@ func (c *conn) handle(streamID, frameID uint64, payload []byte) error {
 	return nil
 }
 
-// disarm stops the rescue timer before the loop blocks.
+// run calls the handler and returns the finished ACK.
+func (c *conn) run(ex *exchange, sampled bool) []byte {
+	a := c.agent
+	var start time.Duration
+	if sampled {
+		start = monotime()
+	}
+	a.serveNotify(&ex.w, &ex.req)
+	if sampled {
+		d := monotime() - start
+		a.stats.observeHandler(d, latencySampling)
+		a.observeHandlerTime(d)
+	}
+	ack := ex.w.finish()
+	ex.ack = ack[:0]
+	ex.req.sealed, ex.w.sealed = poisonViews, poisonViews
+	return ack
+}
+
+// dispatched runs a handler in a goroutine of its own and delivers its ACK.
+func (c *conn) dispatched(ex *exchange, sampled bool) {
+	defer c.agent.goroutines.Done()
+	ack := c.run(ex, sampled)
+	if poisonViews {
+		poison(ex.frame)
+	}
+	c.deliver(ack)
+	putExchange(ex)
+	c.doneHandler()
+	c.unref()
+}
+
+// disarm stops the rescue timer before the loop blocks or ends.
 func (c *conn) disarm() {
 	if c.timerArmed.Load() {
 		c.timerArmed.Store(false)
+		c.timer.Stop()
+	}
+}
+
+// rearm sets the rescue timer off again, unless the loop disarmed it
+// meanwhile: disarm clears timerArmed before it stops the timer, so
+// whichever comes last wins.
+func (c *conn) rearm() {
+	c.timer.Reset(inlineBudget)
+	if !c.timerArmed.Load() {
 		c.timer.Stop()
 	}
 }
@@ -432,12 +513,14 @@ func (c *conn) disarm() {
 // at its previous firing, that handler has run for at least inlineBudget:
 // it takes the loop role over. No clock is read.
 func (c *conn) rescue() {
+	c.agent.stats.timerFirings.Add(1)
 	if !c.timerArmed.Load() {
 		return // the loop went back to reading
 	}
 	s := c.state.Load()
-	if s&stateInline == 0 || c.lastSeen.Swap(s) != s || !c.state.CompareAndSwap(s, s|stateRescuing) {
-		c.timer.Reset(inlineBudget)
+	if s&(stateInline|stateRescuing) != stateInline || c.lastSeen.Swap(s) != s ||
+		!c.state.CompareAndSwap(s, s|stateRescuing) {
+		c.rearm()
 		return
 	}
 	a := c.agent
@@ -460,47 +543,68 @@ func (c *conn) rescue() {
 	c.timerArmed.Store(false) // armed again by the next inline handler
 	c.state.Store(s&^(stateInline|stateRescuing) + stateSeq)
 	// The ACKs gathered before the slow frame must not wait for it.
-	c.flush()
-	err := c.loop()
+	err := c.flush()
+	if err == nil {
+		err = c.loop()
+	}
 	c.end(err)
 }
 
-// deliver sends the ACK of a handler that outlived its inline budget: on
-// its own connection, or with async on any live one of its engine.
+// deliver sends the ACK of a handler that ran out of the loop: on its own
+// connection, or with async on any live one of its engine.
 func (c *conn) deliver(ack []byte) {
-	a := c.agent
-	if c.write(ack) == nil {
-		a.stats.framesOut[frameStat(frameAck)].Add(1)
-		return
+	if err := c.write(ack, false); err != errWriteClosed {
+		if err == nil {
+			c.agent.stats.framesOut[frameStat(frameAck)].Add(1)
+		}
+		return // written, or handed over with what failed with it
 	}
 	c.reroute(append([]byte(nil), ack...))
 }
 
-// reroute gives ACK frames that cannot leave on this connection to its
-// engine, with async, or drops them.
+// reroute gives the ACK frames among frames, which cannot leave on this
+// connection, to its engine (async), or drops them.
 func (c *conn) reroute(frames []byte) {
-	if c.caps&capAsync != 0 && c.engine != nil && c.engine.send(frames) {
+	acks := ackFrames(frames)
+	if len(acks) == 0 {
+		return
+	}
+	if c.engine != nil && c.engine.send(acks) {
 		return // counted by the engine
 	}
-	c.agent.stats.acksDropped.Add(uint64(countFrames(frames)))
+	c.agent.stats.acksDropped.Add(uint64(countFrames(acks)))
 }
 
-// acquire waits for a handler slot of the connection and of the agent.
+// rerouteOut reroutes the ACKs gathered for a peer that will not read them.
+func (c *conn) rerouteOut() {
+	if c.out != nil && len(c.out.b) > 0 {
+		c.reroute(c.out.b)
+		c.out.b = c.out.b[:0]
+	}
+}
+
+// acquire takes a handler slot of the connection and of the agent, waiting
+// for them, with the timer stopped and the gathered ACKs written, if need
+// be.
 func (c *conn) acquire() error {
 	a := c.agent
 	if c.inflight.Load() >= a.maxInFlightPerConn() {
 		c.disarm()
-		c.flush()
+		if err := c.flush(); err != nil {
+			return err
+		}
 		if !c.waitInflightBelow(a.maxInFlightPerConn()) {
 			return net.ErrClosed
 		}
 	}
-	if a.inflight.Load() >= a.maxInFlight() {
+	if !a.tryAcquireSlot() {
 		c.disarm()
-		c.flush()
-	}
-	if !a.acquireSlot() {
-		return net.ErrClosed
+		if err := c.flush(); err != nil {
+			return err
+		}
+		if !a.acquireSlot() {
+			return net.ErrClosed
+		}
 	}
 	c.inflight.Add(1)
 	return nil
@@ -546,6 +650,7 @@ func (c *conn) nextFrame() (frame, error) {
 			if n >= total {
 				b := c.in.b[c.r+lengthSize : c.r+total : c.r+total]
 				c.r += total
+				c.frames++
 				return parseFrame(b)
 			}
 			c.reserve(total)
@@ -579,18 +684,26 @@ func (c *conn) idle() {
 	}
 }
 
-// reserve makes room in the read buffer for a frame of total bytes that
-// starts at c.r.
+// reserve makes room in the read buffer for more of a frame of total bytes
+// that starts at c.r. The buffer grows with the bytes that arrive, not with
+// what the length prefix claims: a peer must send a big frame to make the
+// agent hold one.
 func (c *conn) reserve(total int) {
 	if len(c.in.b)-c.r >= total {
 		return
 	}
-	if len(c.in.b) >= total {
+	if c.r > 0 && (len(c.in.b) >= total || c.w-c.r < len(c.in.b)/2) {
 		c.w = copy(c.in.b, c.in.b[c.r:c.w])
 		c.r = 0
-		return
+		if len(c.in.b) >= total || c.w < len(c.in.b) {
+			return
+		}
 	}
-	nb := getBuffer(total)
+	size := 2 * len(c.in.b)
+	if size > total {
+		size = total
+	}
+	nb := getBuffer(size)
 	c.w = copy(nb.b, c.in.b[c.r:c.w])
 	c.r = 0
 	putBuffer(c.in)
@@ -634,12 +747,16 @@ func (c *conn) armReadDeadline() error {
 		}
 	}
 	switch {
-	case kind == deadlineFrame && c.dlKind == deadlineFrame:
+	case kind == deadlineFrame && c.dlKind == deadlineFrame && c.dlFrames == c.frames:
 		return nil // the frame's deadline runs from its first byte
 	case kind == deadlineNone && c.dlKind == deadlineNone:
 		return nil
-	case kind == deadlineIdle && c.dlKind == deadlineIdle && time.Until(c.dlAt) > d-d/8:
-		return nil // refreshed lazily: it fires between 7/8 and 8/8 of d
+	case kind == c.dlKind && time.Until(c.dlAt) > d-d/8:
+		// Refreshed lazily: an idle deadline fires between 7/8 and 8/8 of
+		// d after the last frame, a frame's between 7/8 and 8/8 of d after
+		// its first byte.
+		c.dlFrames = c.frames
+		return nil
 	}
 	c.dlMu.Lock()
 	defer c.dlMu.Unlock()
@@ -655,7 +772,7 @@ func (c *conn) setDeadlineLocked(kind int, d time.Duration) {
 	if kind != deadlineNone {
 		at = time.Now().Add(d)
 	}
-	c.dlKind, c.dlAt = kind, at
+	c.dlKind, c.dlAt, c.dlFrames = kind, at, c.frames
 	_ = c.nc.SetReadDeadline(at)
 }
 
@@ -666,6 +783,58 @@ func (c *conn) startDrain() {
 	c.drainReq.Store(true)
 	_ = c.nc.SetReadDeadline(time.Unix(1, 0))
 	c.dlMu.Unlock()
+}
+
+// drain handles the frames HAProxy sent before it could learn of the
+// shutdown: those already in the read buffer and in the socket's. A frame
+// that is not whole by then is left.
+func (c *conn) drain() error {
+	for {
+		if err := c.loopBuffered(); err != nil {
+			return err
+		}
+		if c.in == nil {
+			c.in, c.r, c.w = getBuffer(0), 0, 0
+		} else if c.r > 0 {
+			c.w = copy(c.in.b, c.in.b[c.r:c.w])
+			c.r = 0
+		}
+		if c.w == len(c.in.b) {
+			return nil
+		}
+		n := c.readNow(c.in.b[c.w:])
+		if n <= 0 {
+			return nil
+		}
+		c.w += n
+	}
+}
+
+// loopBuffered handles the whole frames already in the read buffer.
+func (c *conn) loopBuffered() error {
+	for c.w-c.r >= lengthSize {
+		length := binary.BigEndian.Uint32(c.in.b[c.r:])
+		if checkLength(length, c.maxFrame) != nil || c.w-c.r < lengthSize+int(length) {
+			return nil
+		}
+		f, err := c.nextFrame()
+		if err != nil {
+			return err
+		}
+		c.agent.stats.framesIn[frameStat(f.typ)].Add(1)
+		switch f.typ {
+		case frameNotify:
+			err = c.onNotify(&f)
+		case frameUnset:
+			err = c.onUnset(&f)
+		case frameHAProxyDisconnect:
+			return c.onDisconnect(&f)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // abort closes the connection at once (Close).
@@ -688,19 +857,30 @@ func (c *conn) flush() error {
 	if c.out == nil || len(c.out.b) == 0 {
 		return nil
 	}
-	err := c.write(c.out.b)
+	err := c.write(c.out.b, false)
+	if err == errWriteClosed {
+		c.reroute(c.out.b)
+	}
 	c.out.b = c.out.b[:0]
 	return err
 }
 
 // write sends whole frames. One goroutine writes at a time; frames brought
-// while it writes are gathered into its next write. It returns an error if
-// the frames cannot go out on this connection (it is closed).
-func (c *conn) write(frames []byte) error {
+// while it writes are gathered into its next write. With last, they are
+// the connection's last: nothing is accepted after them.
+//
+// It returns errWriteClosed when it did not take the frames (the
+// connection was closed for writing before): they are still the caller's.
+// Any other error means the connection failed while the frames were being
+// written; what was not written went to writeFailed, to be rerouted.
+func (c *conn) write(frames []byte, last bool) error {
 	c.wmu.Lock()
 	if c.wclosed {
 		c.wmu.Unlock()
 		return errWriteClosed
+	}
+	if last {
+		c.wclosed = true
 	}
 	if c.writing {
 		c.pending = append(c.pending, frames...)
@@ -710,62 +890,64 @@ func (c *conn) write(frames []byte) error {
 	c.writing = true
 	c.wmu.Unlock()
 
-	var spare []byte
-	err := c.writeOut(frames)
+	batch, owned := frames, false // owned: batch is a former c.pending
 	for {
+		n, err := c.writeOut(batch)
 		c.wmu.Lock()
-		if err != nil || len(c.pending) == 0 {
-			if err != nil {
-				c.wclosed = true
-				lost := c.pending
-				c.pending = nil
-				c.writing = false
-				c.wcond.Broadcast()
-				c.wmu.Unlock()
-				c.writeFailed(err, lost)
-				return err
+		if err != nil {
+			c.wclosed = true
+			lost := append(append([]byte(nil), unwritten(batch, n)...), c.pending...)
+			c.pending = nil
+			c.writing = false
+			c.wcond.Broadcast()
+			c.wmu.Unlock()
+			c.writeFailed(err, lost)
+			return &writeError{err}
+		}
+		if len(c.pending) == 0 {
+			if owned && cap(batch) <= 64<<10 {
+				c.pending = batch[:0] // kept for the next burst
 			}
 			c.writing = false
 			c.wcond.Broadcast()
 			c.wmu.Unlock()
 			return nil
 		}
-		batch := c.pending
-		c.pending = spare[:0]
+		next := c.pending
+		c.pending = nil
+		if owned {
+			c.pending = batch[:0]
+		}
+		batch, owned = next, true
 		c.wmu.Unlock()
-		err = c.writeOut(batch)
-		spare = batch
 	}
 }
 
 // writeOut performs one write, with a write deadline refreshed lazily.
-func (c *conn) writeOut(b []byte) error {
+func (c *conn) writeOut(b []byte) (int, error) {
 	d := c.agent.writeTimeout()
 	if time.Until(c.wdlAt) < d-d/8 {
 		c.wdlAt = time.Now().Add(d)
 		_ = c.nc.SetWriteDeadline(c.wdlAt)
 	}
-	_, err := c.nc.Write(b)
+	n, err := c.nc.Write(b)
 	if err == nil {
 		c.agent.stats.writes.Add(1)
 	}
-	return err
+	return n, err
 }
 
-// writeFailed ends the connection after a write error. With async, frames
-// that other goroutines had queued go to the engine.
+// writeFailed ends the connection after a write error. The ACKs that were
+// not written go to the engine (async) or are dropped.
 func (c *conn) writeFailed(err error, lost []byte) {
 	if !isNormalEnd(err) {
 		c.log().WithError(err).Warn("spoe: write failed, closing the connection")
 	}
-	if len(lost) > 0 {
-		c.reroute(lost)
-	}
+	c.reroute(lost)
 	c.closeSocket()
 }
 
-// closeWrite stops all writes on the connection, waiting for the one under
-// way.
+// closeWrite waits for the write under way and accepts no more.
 func (c *conn) closeWrite() {
 	c.wmu.Lock()
 	for c.writing {
@@ -775,11 +957,13 @@ func (c *conn) closeWrite() {
 	c.wmu.Unlock()
 }
 
-// disconnect sends AGENT-DISCONNECT after everything already queued.
+// disconnect sends AGENT-DISCONNECT after everything already queued, as
+// the connection's last frame.
 func (c *conn) disconnect(s Status, msg string) {
-	c.agent.stats.countDisconnect(s, false)
-	c.agent.stats.framesOut[frameStat(frameAgentDisconnect)].Add(1)
-	_ = c.write(appendAgentDisconnect(c.outBuf(), s, msg))
+	if err := c.write(appendAgentDisconnect(c.outBuf(), s, msg), true); err == nil {
+		c.agent.stats.countDisconnect(s, false)
+		c.agent.stats.framesOut[frameStat(frameAgentDisconnect)].Add(1)
+	}
 	c.out.b = c.out.b[:0]
 }
 
@@ -788,32 +972,43 @@ func (c *conn) end(err error) {
 	if err == errLostRole {
 		return
 	}
+	c.disarm()
 	a := c.agent
-	if isNormalEnd(err) {
-		// HAProxy is gone: what was gathered for it goes to the engine.
-		if c.out != nil && len(c.out.b) > 0 {
-			c.reroute(append([]byte(nil), c.out.b...))
-			c.out.b = c.out.b[:0]
-		}
-	} else {
-		c.flush()
-	}
+	var we *writeError
 	switch {
+	case errors.As(err, &we):
+		// Logged and handled by writeFailed.
+	case isNormalEnd(err):
+		// HAProxy is gone: what was gathered for it goes to the engine.
+		c.rerouteOut()
+		c.log().WithError(err).Debug("spoe: connection closed by HAProxy")
 	case err == errDraining || c.drainReq.Load() && isTimeout(err):
-		// Shutdown: once the running handlers are done and their ACKs out.
+		// Shutdown: handle what HAProxy already sent, let the running
+		// handlers finish and their ACKs out, then say goodbye.
+		switch derr := c.drain(); derr {
+		case nil, errPeerClosed:
+		case errLostRole:
+			return // a handler was rescued: its rescuer goes on draining
+		default:
+			c.log().WithError(derr).Debug("spoe: while draining")
+		}
+		_ = c.flush()
 		c.waitInflightBelow(1)
-		c.disconnect(StatusNormal, StatusNormal.String())
+		if c.helloSent {
+			c.disconnect(StatusNormal, StatusNormal.String())
+		}
 		c.linger()
 	case err == errHealthcheck || err == errPeerClosed:
 		c.linger()
-	case isNormalEnd(err):
-		c.log().WithError(err).Debug("spoe: connection closed by HAProxy")
 	case isTimeout(err):
+		_ = c.flush()
 		c.log().Info("spoe: read timeout, closing the connection")
-		c.disconnect(StatusTimeout, StatusTimeout.String())
-		c.linger()
-	case err == errWriteClosed:
+		if c.helloSent {
+			c.disconnect(StatusTimeout, StatusTimeout.String())
+			c.linger()
+		}
 	default:
+		_ = c.flush()
 		s := statusOf(err)
 		a.stats.protocolErrors.Add(1)
 		c.log().WithError(err).WithField("status", uint32(s)).Warn("spoe: protocol error, closing the connection")
@@ -831,27 +1026,37 @@ func (c *conn) linger() {
 	c.closeWrite()
 	_ = c.nc.SetReadDeadline(time.Now().Add(lingerTimeout))
 	var buf [512]byte
+	discarded := 0
 	for {
-		if _, err := c.nc.Read(buf[:]); err != nil {
-			return
+		n, err := c.nc.Read(buf[:])
+		discarded += n
+		if err != nil {
+			break
 		}
+	}
+	if discarded > 0 {
+		c.log().WithField("bytes", discarded).Debug("spoe: discarded what HAProxy sent after the agent's last frame")
 	}
 }
 
 // closeSocket closes the socket and leaves the engine: the end of the
 // connection for everyone but the handlers still running on it.
 func (c *conn) closeSocket() {
-	c.closed.Do(func() {
+	c.once.Do(func() {
 		c.wmu.Lock()
 		c.wclosed = true
 		c.wmu.Unlock()
 		c.nc.Close()
 		c.agent.connClosed()
-		if c.engine != nil {
-			c.engine.leave(c)
+		c.lifeMu.Lock()
+		c.closed = true
+		e, cancel := c.engine, c.cancel
+		c.lifeMu.Unlock()
+		if e != nil {
+			e.leave(c)
 		}
-		if c.cancel != nil {
-			c.cancel()
+		if cancel != nil {
+			cancel()
 		}
 		c.dead.Store(true)
 		c.waitMu.Lock()
@@ -879,6 +1084,7 @@ func (c *conn) unref() {
 		c.ex = nil
 	}
 	if c.timer != nil {
+		c.timerArmed.Store(false)
 		c.timer.Stop()
 	}
 	c.agent.trackConn(c, false)
@@ -886,6 +1092,14 @@ func (c *conn) unref() {
 
 func (c *conn) log() logrus.FieldLogger {
 	return c.agent.logger().WithField("remote", c.nc.RemoteAddr().String())
+}
+
+// plainRead reads with net.Conn.Read, for connections without raw access.
+func (c *conn) plainRead() (int, error) {
+	if c.in == nil {
+		c.in, c.r, c.w = getBuffer(0), 0, 0
+	}
+	return c.nc.Read(c.in.b[c.w:])
 }
 
 // isNormalEnd reports a connection end that is no error: EOF, reset, or
@@ -897,11 +1111,3 @@ func isNormalEnd(err error) bool {
 }
 
 func isTimeout(err error) bool { return errors.Is(err, os.ErrDeadlineExceeded) }
-
-// plainRead reads with net.Conn.Read, for connections without raw access.
-func (c *conn) plainRead() (int, error) {
-	if c.in == nil {
-		c.in, c.r, c.w = getBuffer(0), 0, 0
-	}
-	return c.nc.Read(c.in.b[c.w:])
-}

@@ -82,7 +82,6 @@ var (
 	errBadKVType          = &protocolError{StatusInvalidFrame, "HELLO or DISCONNECT value of the wrong type"}
 	errFragmented         = &protocolError{StatusFragmentationNotSupported, "fragmented frame, fragmentation not announced"}
 	errInterlaced         = &protocolError{StatusInterlacedFrames, "frame interlaced with a fragmented NOTIFY"}
-	errNotifyTooBig       = &protocolError{StatusResourceAllocation, "reassembled NOTIFY above MaxNotifySize"}
 )
 
 // statusOf returns the status to answer err with: its own for a protocol

@@ -524,7 +524,8 @@ spoe-message ping
     args src
     event on-frontend-http-request
 `,
-		Frontend:      "http-after-response set-header x-checked %[var(txn.e2e.checked)]",
+		Frontend: "http-after-response set-header x-checked %[var(txn.e2e.checked)]\n" +
+			"    http-after-response set-header x-spoe-error %[var(txn.e2e.spoe_error)] if { var(txn.e2e.spoe_error) -m found }",
 		AgentBackend:  "option spop-check",
 		ServerOptions: "check inter 100ms rise 1 fall 1",
 		Extra: fmt.Sprintf(`backend spoe-dead
@@ -549,6 +550,7 @@ spoe-message ping
 	}
 	// Health-check connections are not SPOE traffic: requests still work.
 	res := get(t, newClient(t, false), h.url+"/checked")
+	expectNoHeader(t, res, "x-spoe-error")
 	expectHeader(t, res, "x-checked", "yes")
 }
 

@@ -34,8 +34,8 @@ type engine struct {
 
 	mu     sync.Mutex // guards what follows; registry.mu is taken before it
 	conns  []*conn    // live connections, in joining order
-	async  bool       // a connection negotiated async
 	linger *time.Timer
+	closed bool // the pump stopped: nothing more may be queued
 }
 
 // engineQueue is how many ACKs an engine holds while they wait for a live
@@ -52,7 +52,9 @@ type engines struct {
 	m     map[string]*engine
 }
 
-// join adds c to the engine of that id, creating it if needed.
+// join adds c, a connection that negotiated async and whose AGENT-HELLO
+// is written, to the engine of that id, creating it if needed, and sets
+// c.engine before any other goroutine can see c through the engine.
 func (r *engines) join(id string, c *conn) *engine {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -66,10 +68,8 @@ func (r *engines) join(id string, c *conn) *engine {
 		r.m[id] = e
 	}
 	e.mu.Lock()
+	c.engine = e
 	e.conns = append(e.conns, c)
-	if c.caps&capAsync != 0 {
-		e.async = true
-	}
 	if e.linger != nil {
 		e.linger.Stop()
 	}
@@ -81,8 +81,8 @@ func (r *engines) join(id string, c *conn) *engine {
 	return e
 }
 
-// leave removes c from its engine. The last connection to leave ends the
-// engine, at once or, for an async one, after engineLinger.
+// leave removes c from its engine. The last connection to leave makes the
+// engine linger for engineLinger, then end.
 func (e *engine) leave(c *conn) {
 	r := e.registry
 	r.mu.Lock()
@@ -93,23 +93,15 @@ func (e *engine) leave(c *conn) {
 			break
 		}
 	}
-	last := len(e.conns) == 0
-	if last && e.async && e.ctx.Err() == nil {
+	if len(e.conns) == 0 && e.ctx.Err() == nil {
 		if e.linger == nil {
 			e.linger = time.AfterFunc(engineLinger, e.expire)
 		} else {
 			e.linger.Reset(engineLinger)
 		}
-		last = false
 	}
 	e.mu.Unlock()
-	if last && r.m[e.id] == e {
-		delete(r.m, e.id)
-	}
 	r.mu.Unlock()
-	if last {
-		e.cancel()
-	}
 }
 
 // endAll ends every engine at once (Shutdown, once no connection is left).
@@ -154,14 +146,16 @@ func (e *engine) len() int {
 // dropped. It reports false when they cannot be queued: the engine is gone
 // or its queue is full.
 func (e *engine) send(frames []byte) bool {
-	if e.ctx.Err() != nil {
-		return false
-	}
 	e.pumpOnce.Do(func() {
 		a := e.registry.agent
 		a.goroutines.Add(1)
 		go e.pump()
 	})
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.closed {
+		return false
+	}
 	select {
 	case e.acks <- frames:
 		return true
@@ -177,13 +171,13 @@ func (e *engine) pump() {
 	defer a.goroutines.Done()
 	var held [][]byte
 	deliver := func(frames []byte) bool {
-		if !e.deliver(frames) {
-			return false
+		taken, written := e.deliver(frames)
+		if written {
+			n := uint64(countFrames(frames))
+			a.stats.framesOut[frameStat(frameAck)].Add(n)
+			a.stats.acksRerouted.Add(n)
 		}
-		n := uint64(countFrames(frames))
-		a.stats.framesOut[frameStat(frameAck)].Add(n)
-		a.stats.acksRerouted.Add(n)
-		return true
+		return taken
 	}
 	for {
 		select {
@@ -204,6 +198,9 @@ func (e *engine) pump() {
 			}
 			held = kept
 		case <-e.ctx.Done():
+			e.mu.Lock()
+			e.closed = true // no send from now on: what is queued is all
+			e.mu.Unlock()
 			for _, frames := range held {
 				a.stats.acksDropped.Add(uint64(countFrames(frames)))
 			}
@@ -219,15 +216,18 @@ func (e *engine) pump() {
 	}
 }
 
-// deliver writes frames on the first live connection that takes them.
-func (e *engine) deliver(frames []byte) bool {
+// deliver writes frames on the first live connection that takes them. It
+// reports whether a connection took them, and whether they were written:
+// a connection that fails while writing them hands back, through its
+// writeFailed, what it could not write.
+func (e *engine) deliver(frames []byte) (taken, written bool) {
 	e.mu.Lock()
 	conns := append([]*conn(nil), e.conns...)
 	e.mu.Unlock()
 	for _, c := range conns {
-		if c.write(frames) == nil {
-			return true
+		if err := c.write(frames, false); err != errWriteClosed {
+			return true, err == nil
 		}
 	}
-	return false
+	return false, false
 }

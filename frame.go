@@ -166,6 +166,38 @@ func countFrames(b []byte) int {
 	return n
 }
 
+// ackFrames returns the ACK frames of b, a run of whole frames the agent
+// built, leaving out the others (an AGENT-DISCONNECT must not go to another
+// connection).
+func ackFrames(b []byte) []byte {
+	var acks []byte
+	for len(b) > lengthSize {
+		l := lengthSize + int(binary.BigEndian.Uint32(b))
+		if len(b) < l {
+			break
+		}
+		if frameType(b[lengthSize]) == frameAck {
+			acks = append(acks, b[:l]...)
+		}
+		b = b[l:]
+	}
+	return acks
+}
+
+// unwritten returns the frames of b from the first one not wholly among
+// its first n bytes.
+func unwritten(b []byte, n int) []byte {
+	off := 0
+	for off+lengthSize <= len(b) {
+		end := off + lengthSize + int(binary.BigEndian.Uint32(b[off:]))
+		if end > n || end > len(b) {
+			break
+		}
+		off = end
+	}
+	return b[off:]
+}
+
 // buffer is a pooled byte buffer for reading frames and gathering ACKs.
 // Buffers come in size classes, powers of two from minBufferSize, so that a
 // connection reading small frames never holds a big buffer.

@@ -7,3 +7,6 @@ package spoe
 func (c *conn) initRawRead() {}
 
 func (c *conn) read() (int, error) { return c.plainRead() }
+
+// readNow reads nothing where raw socket reads are not available.
+func (c *conn) readNow([]byte) int { return 0 }

@@ -60,3 +60,25 @@ func (c *conn) rawRead(fd uintptr) bool {
 		return true
 	}
 }
+
+// readNow reads what the socket already holds into b, without waiting (the
+// read deadline may have passed: Shutdown sets it so).
+func (c *conn) readNow(b []byte) int {
+	if c.rc == nil {
+		return 0
+	}
+	n := 0
+	_ = c.rc.Control(func(fd uintptr) {
+		for {
+			m, err := syscall.Read(int(fd), b)
+			if err == syscall.EINTR {
+				continue
+			}
+			if err == nil && m > 0 {
+				n = m
+			}
+			return
+		}
+	})
+	return n
+}

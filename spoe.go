@@ -153,6 +153,7 @@ type Agent struct {
 	listeners  map[*net.Listener]struct{}
 	conns      map[*conn]struct{}
 	shutdown   atomic.Bool
+	done       chan struct{} // closed by Shutdown and Close
 	drained    chan struct{} // closed when shutting down and no conn is left
 	connSlots  chan struct{} // MaxConns semaphore; nil when unlimited
 	goroutines sync.WaitGroup
@@ -164,6 +165,11 @@ type Agent struct {
 	slotMu   sync.Mutex
 	slotCond *sync.Cond
 	waiters  atomic.Int32
+
+	// handlerTime is a moving average of the sampled handler durations, in
+	// nanoseconds: when handlers are slow, frames go to goroutines of their
+	// own at once rather than run inline.
+	handlerTime atomic.Int64
 }
 
 // New returns an Agent that answers NOTIFY frames with handler.
@@ -176,6 +182,7 @@ func (a *Agent) init() {
 		a.base, a.cancel = context.WithCancel(context.Background())
 		a.listeners = make(map[*net.Listener]struct{})
 		a.conns = make(map[*conn]struct{})
+		a.done = make(chan struct{})
 		a.drained = make(chan struct{})
 		a.engines.agent = a
 		a.slotCond = sync.NewCond(&a.slotMu)
@@ -288,7 +295,7 @@ func (a *Agent) Serve(l net.Listener) error {
 		if a.connSlots != nil {
 			select {
 			case a.connSlots <- struct{}{}:
-			case <-a.base.Done():
+			case <-a.done:
 				return ErrAgentClosed
 			}
 		}
@@ -306,7 +313,7 @@ func (a *Agent) Serve(l net.Listener) error {
 				a.logger().WithError(err).Warnf("spoe: accept error, retrying in %v", backoff)
 				select {
 				case <-time.After(backoff):
-				case <-a.base.Done():
+				case <-a.done:
 					return ErrAgentClosed
 				}
 				continue
@@ -400,7 +407,9 @@ func (a *Agent) closeListeners() ([]*conn, error) {
 	a.init()
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	a.shutdown.Store(true)
+	if !a.shutdown.Swap(true) {
+		close(a.done)
+	}
 	var err error
 	for l := range a.listeners {
 		if cerr := (*l).Close(); cerr != nil && err == nil {
@@ -466,17 +475,28 @@ func (a *Agent) Close() error {
 	return err
 }
 
+// tryAcquireSlot takes one of the agent's MaxInFlight handler slots if
+// one is free.
+func (a *Agent) tryAcquireSlot() bool {
+	limit := a.maxInFlight()
+	for {
+		n := a.inflight.Load()
+		if n >= limit {
+			return false
+		}
+		if a.inflight.CompareAndSwap(n, n+1) {
+			return true
+		}
+	}
+}
+
 // acquireSlot takes one of the agent's MaxInFlight handler slots, waiting
 // for one if needed. It reports false if the agent was closed meanwhile.
 func (a *Agent) acquireSlot() bool {
 	limit := a.maxInFlight()
 	for {
-		n := a.inflight.Load()
-		if n < limit {
-			if a.inflight.CompareAndSwap(n, n+1) {
-				return true
-			}
-			continue
+		if a.tryAcquireSlot() {
+			return true
 		}
 		a.slotMu.Lock()
 		a.waiters.Add(1)
@@ -503,3 +523,16 @@ func (a *Agent) releaseSlot() {
 
 // prefixLen is the var-prefix length used to check variable names.
 func (a *Agent) prefixLen() int { return len(a.VarPrefix) }
+
+// slowHandlers reports whether handlers have lately been slow enough that
+// a frame should not wait behind them: see dispatchThreshold.
+func (a *Agent) slowHandlers() bool {
+	return time.Duration(a.handlerTime.Load()) > dispatchThreshold
+}
+
+// observeHandlerTime feeds the moving average of handler durations (one
+// sample in latencySampling; a weight of 1/8 each).
+func (a *Agent) observeHandlerTime(d time.Duration) {
+	avg := a.handlerTime.Load()
+	a.handlerTime.Store(avg + (int64(d)-avg)/8)
+}

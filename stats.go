@@ -26,6 +26,7 @@ type stats struct {
 	rescues        atomic.Uint64
 	protocolErrors atomic.Uint64
 	notifyTooBig   atomic.Uint64
+	timerFirings   atomic.Uint64 // rescue timer firings (not in Stats)
 
 	disconnectsIn  [numStatusStats]atomic.Uint64
 	disconnectsOut [numStatusStats]atomic.Uint64
