@@ -231,7 +231,6 @@ func (c *conn) handshake() error {
 		return err
 	}
 	c.helloSent = true
-	a.stats.framesOut[frameStat(frameAgentHello)].Add(1)
 	if h.healthcheck {
 		a.stats.healthchecks.Add(1)
 		return errHealthcheck
@@ -450,7 +449,6 @@ func (c *conn) handle(streamID, frameID uint64, payload []byte) error {
 	}
 	c.outBuf()
 	c.out.b = append(c.out.b, ack...)
-	a.stats.framesOut[frameStat(frameAck)].Add(1)
 	if poisonViews {
 		c.ex = nil
 	}
@@ -554,9 +552,6 @@ func (c *conn) rescue() {
 // connection, or with async on any live one of its engine.
 func (c *conn) deliver(ack []byte) {
 	if err := c.write(ack, false); err != errWriteClosed {
-		if err == nil {
-			c.agent.stats.framesOut[frameStat(frameAck)].Add(1)
-		}
 		return // written, or handed over with what failed with it
 	}
 	c.reroute(append([]byte(nil), ack...))
@@ -930,9 +925,14 @@ func (c *conn) writeOut(b []byte) (int, error) {
 		c.wdlAt = time.Now().Add(d)
 		_ = c.nc.SetWriteDeadline(c.wdlAt)
 	}
+	// Counted before the write, so that whoever reads a frame sees it
+	// counted; what the write did not complete is taken back.
+	c.agent.stats.countFramesOut(b, 1)
 	n, err := c.nc.Write(b)
 	if err == nil {
 		c.agent.stats.writes.Add(1)
+	} else {
+		c.agent.stats.countFramesOut(unwritten(b, n), -1)
 	}
 	return n, err
 }
@@ -962,7 +962,6 @@ func (c *conn) closeWrite() {
 func (c *conn) disconnect(s Status, msg string) {
 	if err := c.write(appendAgentDisconnect(c.outBuf(), s, msg), true); err == nil {
 		c.agent.stats.countDisconnect(s, false)
-		c.agent.stats.framesOut[frameStat(frameAgentDisconnect)].Add(1)
 	}
 	c.out.b = c.out.b[:0]
 }

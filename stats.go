@@ -1,6 +1,7 @@
 package spoe
 
 import (
+	"encoding/binary"
 	"expvar"
 	"math/bits"
 	"sync/atomic"
@@ -58,6 +59,28 @@ func statusStat(s Status) int {
 		return int(s)
 	}
 	return numStatusStats - 1
+}
+
+// countFramesOut adds sign (1 or -1) to the count of each whole frame of
+// b by type: the frames a write hands to the kernel, or those it failed to.
+func (s *stats) countFramesOut(b []byte, sign int) {
+	var n [numFrameStats]uint64
+	for len(b) > lengthSize {
+		l := lengthSize + int(binary.BigEndian.Uint32(b))
+		if len(b) < l {
+			break
+		}
+		n[frameStat(frameType(b[lengthSize]))]++
+		b = b[l:]
+	}
+	for i, k := range n {
+		if k > 0 {
+			if sign < 0 {
+				k = -k // two's complement: Add subtracts
+			}
+			s.framesOut[i].Add(k)
+		}
+	}
 }
 
 func (s *stats) countDisconnect(status Status, fromHAProxy bool) {
