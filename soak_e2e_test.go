@@ -22,9 +22,10 @@ package spoe_test
 //
 // Size: SPOE_SOAK_RELOADS reloads (default 6, one every
 // SPOE_SOAK_RELOAD_EVERY, default 300ms) and at least SPOE_SOAK_REQUESTS
-// requests (default 3000). Full size, e.g.:
+// requests (default 3000; about 5 s). Full size, e.g. (about 1.5 min on
+// the 2-core machine):
 //
-//	SPOE_SOAK_RELOADS=100 SPOE_SOAK_REQUESTS=200000 go test -race -run TestSoakHAProxyReload -count=1 -timeout 60m -v .
+//	SPOE_SOAK_RELOADS=40 SPOE_SOAK_REQUESTS=40000 go test -race -run TestSoakHAProxyReload -count=1 -timeout 60m -v .
 //
 // HAProxy 2.6 only: 3.x has no async.
 
