@@ -975,8 +975,10 @@ func (c *conn) end(err error) {
 	a := c.agent
 	var we *writeError
 	switch {
-	case errors.As(err, &we):
-		// Logged and handled by writeFailed.
+	case errors.As(err, &we) || err == errWriteClosed:
+		// A write failed (HAProxy reset the connection): logged and
+		// handled by writeFailed; what was gathered since was rerouted.
+		c.rerouteOut()
 	case isNormalEnd(err):
 		// HAProxy is gone: what was gathered for it goes to the engine.
 		c.rerouteOut()
