@@ -492,8 +492,7 @@ func TestFragmentAbort(t *testing.T) {
 	p.hello("pipelining", "e", 16380)
 	p.send(rawFrame(frameNotify, 0, 9, 1, []byte{1, 'm', 1, 1, 'a', 8, 20, 'x'}))
 	p.send(rawFrame(frameUnset, flagFin|flagAbort, 9, 1, nil))
-	payload, _ := appendMessages(nil, []ClientMessage{{Name: "n"}})
-	p.send(rawFrame(frameNotify, flagFin, 10, 1, payload))
+	p.send(notifyNamed("n", 10, 1))
 	f := p.next()
 	assert.Equal(t, uint64(10), f.streamID, "no ACK for the aborted NOTIFY")
 	assert.Equal(t, 1, calls)
@@ -522,17 +521,8 @@ func TestFragmentsWithoutCapability(t *testing.T) {
 // closed leaves on another connection of the same engine, never on another
 // engine's.
 func TestAsyncACKOnSibling(t *testing.T) {
-	release := make(chan struct{})
-	started := make(chan struct{}, 1)
-	a := &Agent{Handler: HandlerFunc(func(w *ActionWriter, r *Request) error {
-		msgs := r.Messages()
-		msgs.Next()
-		if msgs.NameIs("slow") {
-			started <- struct{}{}
-			<-release
-		}
-		return w.SetInt(VarScopeTransaction, "sid", int64(r.StreamID()))
-	})}
+	g := newGate()
+	a := &Agent{Handler: g}
 	addr := startAgent(t, a)
 	origin := dialRaw(t, addr)
 	origin.hello("pipelining,async", "engine-A", 16380)
@@ -541,20 +531,18 @@ func TestAsyncACKOnSibling(t *testing.T) {
 	stranger := dialRaw(t, addr)
 	stranger.hello("pipelining,async", "engine-B", 16380)
 
-	slow, _ := appendMessages(nil, []ClientMessage{{Name: "slow"}})
-	origin.send(rawFrame(frameNotify, flagFin, 77, 3, slow))
-	<-started
+	origin.send(notifyNamed("slow", 77, 3))
+	<-g.started
 	origin.nc.Close()
 	waitFor(t, func() bool { return a.engines.lookup("engine-A") == 1 }, "origin left its engine")
-	close(release)
+	close(g.release)
 	f := sibling.next()
 	assert.Equal(t, frameAck, f.typ)
 	assert.Equal(t, uint64(77), f.streamID)
 	assert.Equal(t, uint64(3), f.frameID)
 	waitFor(t, func() bool { return a.Stats().ACKsRerouted == 1 }, "the ACK counted as rerouted")
 
-	quick, _ := appendMessages(nil, []ClientMessage{{Name: "quick"}})
-	stranger.send(rawFrame(frameNotify, flagFin, 5, 1, quick))
+	stranger.send(notifyNamed("quick", 5, 1))
 	f = stranger.next()
 	assert.Equal(t, uint64(5), f.streamID, "the other engine saw nothing of engine-A's ACK")
 }
@@ -562,31 +550,20 @@ func TestAsyncACKOnSibling(t *testing.T) {
 // TestNoRerouteWithoutAsync: without async the ACK of a dead connection is
 // dropped, not sent on another connection.
 func TestNoRerouteWithoutAsync(t *testing.T) {
-	release := make(chan struct{})
-	started := make(chan struct{}, 1)
-	a := &Agent{Handler: HandlerFunc(func(w *ActionWriter, r *Request) error {
-		msgs := r.Messages()
-		msgs.Next()
-		if msgs.NameIs("slow") {
-			started <- struct{}{}
-			<-release
-		}
-		return nil
-	})}
+	g := newGate()
+	a := &Agent{Handler: g}
 	addr := startAgent(t, a)
 	origin := dialRaw(t, addr)
 	origin.hello("pipelining", "engine-A", 16380)
 	sibling := dialRaw(t, addr)
 	sibling.hello("pipelining", "engine-A", 16380)
-	slow, _ := appendMessages(nil, []ClientMessage{{Name: "slow"}})
-	origin.send(rawFrame(frameNotify, flagFin, 77, 3, slow))
-	<-started
+	origin.send(notifyNamed("slow", 77, 3))
+	<-g.started
 	origin.nc.Close()
 	waitFor(t, func() bool { return a.Stats().ConnsOpen == 1 }, "origin closed")
-	close(release)
+	close(g.release)
 	waitFor(t, func() bool { return a.Stats().ACKsDropped == 1 }, "the ACK dropped")
-	quick, _ := appendMessages(nil, []ClientMessage{{Name: "quick"}})
-	sibling.send(rawFrame(frameNotify, flagFin, 5, 1, quick))
+	sibling.send(notifyNamed("quick", 5, 1))
 	assert.Equal(t, uint64(5), sibling.next().streamID, "first frame on the sibling is its own ACK")
 }
 
@@ -604,8 +581,7 @@ func TestContextCancelledOnDrop(t *testing.T) {
 	})}
 	p := dialRaw(t, startAgent(t, a))
 	p.hello("pipelining", "e", 16380)
-	payload, _ := appendMessages(nil, []ClientMessage{{Name: "m"}})
-	p.send(rawFrame(frameNotify, flagFin, 1, 1, payload))
+	p.send(notifyNamed("m", 1, 1))
 	<-started
 	p.nc.Close()
 	select {
@@ -638,8 +614,7 @@ func TestShutdownGraceful(t *testing.T) {
 	busy.hello("pipelining", "e", 16380)
 	idle := dialRaw(t, l.Addr().String())
 	idle.hello("pipelining", "e", 16380)
-	slow, _ := appendMessages(nil, []ClientMessage{{Name: "slow"}})
-	busy.send(rawFrame(frameNotify, flagFin, 1, 1, slow))
+	busy.send(notifyNamed("slow", 1, 1))
 	<-started
 
 	shut := make(chan error, 1)
@@ -685,8 +660,7 @@ func TestShutdownDeadline(t *testing.T) {
 	})}
 	p := dialRaw(t, startAgent(t, a))
 	p.hello("pipelining", "e", 16380)
-	payload, _ := appendMessages(nil, []ClientMessage{{Name: "m"}})
-	p.send(rawFrame(frameNotify, flagFin, 1, 1, payload))
+	p.send(notifyNamed("m", 1, 1))
 	<-started
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
@@ -779,24 +753,16 @@ func (r *engines) lookup(id string) int {
 // no other connection of its engine was alive waits for the next one
 // HAProxy opens with that engine-id.
 func TestAsyncEngineLingers(t *testing.T) {
-	release := make(chan struct{})
-	started := make(chan struct{}, 1)
-	a := &Agent{Handler: HandlerFunc(func(w *ActionWriter, r *Request) error {
-		if msgs := r.Messages(); msgs.Next() && msgs.NameIs("slow") {
-			started <- struct{}{}
-			<-release
-		}
-		return w.SetInt(VarScopeTransaction, "sid", int64(r.StreamID()))
-	})}
+	g := newGate()
+	a := &Agent{Handler: g}
 	addr := startAgent(t, a)
 	origin := dialRaw(t, addr)
 	origin.hello("pipelining,async", "engine-L", 16380)
-	payload, _ := appendMessages(nil, []ClientMessage{{Name: "slow"}})
-	origin.send(rawFrame(frameNotify, flagFin, 41, 2, payload))
-	<-started
+	origin.send(notifyNamed("slow", 41, 2))
+	<-g.started
 	origin.nc.Close()
 	waitFor(t, func() bool { return a.Stats().ConnsOpen == 0 }, "origin closed")
-	close(release)
+	close(g.release)
 	waitFor(t, func() bool { return a.Stats().InFlight == 0 }, "the handler returned")
 	assert.Zero(t, a.Stats().ACKsDropped, "held by the lingering engine")
 
@@ -810,8 +776,7 @@ func TestAsyncEngineLingers(t *testing.T) {
 
 	other := dialRaw(t, addr)
 	other.hello("pipelining,async", "engine-M", 16380)
-	quick, _ := appendMessages(nil, []ClientMessage{{Name: "quick"}})
-	other.send(rawFrame(frameNotify, flagFin, 5, 1, quick))
+	other.send(notifyNamed("quick", 5, 1))
 	assert.Equal(t, uint64(5), other.next().streamID, "the other engine saw nothing of engine-L's ACK")
 	assert.Zero(t, a.Stats().HandlerPanics)
 }
@@ -830,8 +795,7 @@ func TestAsyncEngineExpires(t *testing.T) {
 	})}
 	origin := dialRaw(t, startAgent(t, a))
 	origin.hello("pipelining,async", "engine-X", 16380)
-	payload, _ := appendMessages(nil, []ClientMessage{{Name: "slow"}})
-	origin.send(rawFrame(frameNotify, flagFin, 1, 1, payload))
+	origin.send(notifyNamed("slow", 1, 1))
 	<-started
 	origin.nc.Close()
 	waitFor(t, func() bool { return a.engines.lookup("engine-X") == 0 && !a.engines.has("engine-X") }, "the engine expired")
@@ -844,4 +808,30 @@ func (r *engines) has(id string) bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return r.m[id] != nil
+}
+
+// gate is a Handler that blocks on messages named "slow" until release is
+// closed, signalling started as each does, and answers every frame with
+// txn.sid set to its stream-id.
+type gate struct {
+	started chan struct{}
+	release chan struct{}
+}
+
+func newGate() *gate {
+	return &gate{started: make(chan struct{}, 16), release: make(chan struct{})}
+}
+
+func (g *gate) ServeSPOE(w *ActionWriter, r *Request) error {
+	if msgs := r.Messages(); msgs.Next() && msgs.NameIs("slow") {
+		g.started <- struct{}{}
+		<-g.release
+	}
+	return w.SetInt(VarScopeTransaction, "sid", int64(r.StreamID()))
+}
+
+// notifyNamed is a NOTIFY frame of one message without arguments.
+func notifyNamed(name string, sid, fid uint64) []byte {
+	payload, _ := appendMessages(nil, []ClientMessage{{Name: name}})
+	return rawFrame(frameNotify, flagFin, sid, fid, payload)
 }

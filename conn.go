@@ -267,25 +267,30 @@ func (c *conn) loop() error {
 		if err != nil {
 			return err
 		}
-		c.agent.stats.framesIn[frameStat(f.typ)].Add(1)
-		switch f.typ {
-		case frameNotify:
-			err = c.onNotify(&f)
-		case frameUnset:
-			err = c.onUnset(&f)
-		case frameHAProxyDisconnect:
-			return c.onDisconnect(&f)
-		case frameHAProxyHello:
-			return errSecondHello
-		case frameAgentHello, frameAgentDisconnect, frameAck:
-			return errAgentFrame
-		default:
-			// SPOP says to ignore frame types it does not know.
-		}
-		if err != nil {
+		if err := c.onFrame(&f); err != nil {
 			return err
 		}
 	}
+}
+
+// onFrame handles one frame after the handshake. A non-nil error ends the
+// connection (errPeerClosed after HAProxy's DISCONNECT) or, errLostRole,
+// this goroutine's part in it.
+func (c *conn) onFrame(f *frame) error {
+	c.agent.stats.framesIn[frameStat(f.typ)].Add(1)
+	switch f.typ {
+	case frameNotify:
+		return c.onNotify(f)
+	case frameUnset:
+		return c.onUnset(f)
+	case frameHAProxyDisconnect:
+		return c.onDisconnect(f)
+	case frameHAProxyHello:
+		return errSecondHello
+	case frameAgentHello, frameAgentDisconnect, frameAck:
+		return errAgentFrame
+	}
+	return nil // SPOP says to ignore frame types it does not know
 }
 
 func (c *conn) onNotify(f *frame) error {
@@ -812,20 +817,11 @@ func (c *conn) loopBuffered() error {
 		if checkLength(length, c.maxFrame) != nil || c.w-c.r < lengthSize+int(length) {
 			return nil
 		}
-		f, err := c.nextFrame()
+		f, err := c.nextFrame() // whole in the buffer: no read
 		if err != nil {
 			return err
 		}
-		c.agent.stats.framesIn[frameStat(f.typ)].Add(1)
-		switch f.typ {
-		case frameNotify:
-			err = c.onNotify(&f)
-		case frameUnset:
-			err = c.onUnset(&f)
-		case frameHAProxyDisconnect:
-			return c.onDisconnect(&f)
-		}
-		if err != nil {
+		if err := c.onFrame(&f); err != nil {
 			return err
 		}
 	}

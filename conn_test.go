@@ -179,28 +179,20 @@ func ackFrame(sid uint64) []byte { return rawFrame(frameAck, flagFin, sid, 1, ni
 // DISCONNECT, a handler finishing on that connection does not write there:
 // its ACK goes to a sibling of the engine.
 func TestNoACKAfterOwnDisconnect(t *testing.T) {
-	release := make(chan struct{})
-	started := make(chan struct{}, 1)
-	a := &Agent{Handler: HandlerFunc(func(w *ActionWriter, r *Request) error {
-		if msgs := r.Messages(); msgs.Next() && msgs.NameIs("slow") {
-			started <- struct{}{}
-			<-release
-		}
-		return w.SetInt(VarScopeTransaction, "sid", int64(r.StreamID()))
-	})}
+	g := newGate()
+	a := &Agent{Handler: g}
 	addr := startAgent(t, a)
 	origin := dialRaw(t, addr)
 	origin.hello("pipelining,async", "engine-D", 16380)
 	sibling := dialRaw(t, addr)
 	sibling.hello("pipelining,async", "engine-D", 16380)
-	slow, _ := appendMessages(nil, []ClientMessage{{Name: "slow"}})
-	origin.send(rawFrame(frameNotify, flagFin, 9, 1, slow))
-	<-started
+	origin.send(notifyNamed("slow", 9, 1))
+	<-g.started
 	waitFor(t, func() bool { return a.Stats().Rescues == 1 }, "the handler left to run on its own")
 	origin.send(rawFrame(frameHAProxyDisconnect, flagFin, 0, 0, helloPayload("status-code", uint32(0), "message", "normal")))
 	f := origin.next()
 	require.Equal(t, frameAgentDisconnect, f.typ)
-	close(release)
+	close(g.release)
 	ack := sibling.next()
 	assert.Equal(t, frameAck, ack.typ)
 	assert.Equal(t, uint64(9), ack.streamID)
@@ -243,8 +235,7 @@ func TestServeReturnsAtShutdownWhenFull(t *testing.T) {
 	go func() { served <- a.Serve(l) }()
 	p := dialRaw(t, l.Addr().String())
 	p.hello("pipelining", "e", 16380)
-	payload, _ := appendMessages(nil, []ClientMessage{{Name: "m"}})
-	p.send(rawFrame(frameNotify, flagFin, 1, 1, payload))
+	p.send(notifyNamed("m", 1, 1))
 	waitFor(t, func() bool { return running.Load() == 1 }, "the handler running")
 
 	shut := make(chan error, 1)

@@ -300,14 +300,8 @@ func skipValue(b []byte, off int) (int, error) {
 		}
 		return off + n, nil
 	case TypeString, TypeBinary:
-		n, off, err := readVarint(b, off)
-		if err != nil {
-			return off, err
-		}
-		if n > uint64(len(b)-off) {
-			return off, errTruncated
-		}
-		return off + int(n), nil
+		_, off, err := readBytes(b, off)
+		return off, err
 	}
 	return off, errUnknownType
 }

@@ -166,32 +166,21 @@ func TestFloodAtBlockedHandlers(t *testing.T) {
 // connection died drops its ACK; it does not reach a newer connection,
 // even one that got the same file descriptor.
 func TestLateHandlerNeverWritesElsewhere(t *testing.T) {
-	release := make(chan struct{})
-	started := make(chan struct{}, 1)
-	a := &Agent{Handler: HandlerFunc(func(w *ActionWriter, r *Request) error {
-		msgs := r.Messages()
-		msgs.Next()
-		if msgs.NameIs("slow") {
-			started <- struct{}{}
-			<-release
-		}
-		return w.SetInt(VarScopeTransaction, "sid", int64(r.StreamID()))
-	})}
+	g := newGate()
+	a := &Agent{Handler: g}
 	addr := startAgent(t, a)
 	old := dialRaw(t, addr)
 	old.hello("pipelining", "engine", 16380)
-	slow, _ := appendMessages(nil, []ClientMessage{{Name: "slow"}})
-	old.send(rawFrame(frameNotify, flagFin, 1, 1, slow))
-	<-started
+	old.send(notifyNamed("slow", 1, 1))
+	<-g.started
 	old.nc.Close()
 	waitFor(t, func() bool { return a.Stats().ConnsOpen == 0 }, "the old connection closed")
 
 	fresh := dialRaw(t, addr)
 	fresh.hello("pipelining", "engine", 16380)
-	close(release)
+	close(g.release)
 	waitFor(t, func() bool { return a.Stats().ACKsDropped == 1 }, "the late ACK dropped")
-	quick, _ := appendMessages(nil, []ClientMessage{{Name: "quick"}})
-	fresh.send(rawFrame(frameNotify, flagFin, 2, 1, quick))
+	fresh.send(notifyNamed("quick", 2, 1))
 	f := fresh.next()
 	assert.Equal(t, uint64(2), f.streamID, "the first frame on the new connection is its own ACK")
 }

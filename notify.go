@@ -198,14 +198,8 @@ func scanMessage(payload []byte, off int) (msgIndex, int, error) {
 
 // skipName steps over a name: a varint length and that many bytes.
 func skipName(b []byte, off int) (int, error) {
-	n, off, err := readVarint(b, off)
-	if err != nil {
-		return off, err
-	}
-	if n > uint64(len(b)-off) {
-		return off, errTruncated
-	}
-	return off + int(n), nil
+	_, off, err := readBytes(b, off)
+	return off, err
 }
 
 // Context returns the request's context. It is cancelled when the handler
