@@ -39,10 +39,11 @@
 // defines for them.
 //
 // Frames of one connection are handled in the goroutine that read them
-// while the handler is quick; a handler still running after a short budget
-// is left to finish in its goroutine while another one goes on reading, so
-// that pipelined frames are handled concurrently. ACKs ready together leave
-// in one write. With "async", an ACK whose connection closed leaves on
+// while handlers are quick. When handlers have lately been slow (over 50 µs
+// on average), each frame gets a goroutine of its own at once; a rare slow
+// call among quick ones is left to finish in its goroutine after 1 to 4 ms
+// while another goroutine goes on reading. Pipelined frames are so handled
+// concurrently. ACKs ready together leave in one write. With "async", an ACK whose connection closed leaves on
 // another connection of the same HAProxy engine (engine-id), never on
 // another engine's.
 //
