@@ -375,6 +375,10 @@ func (c *Client) stop(err error) {
 // Err returns why the client stopped, or nil while it works.
 func (c *Client) Err() error { return c.stopErr() }
 
+// Done returns a channel closed when the client stops: after Close, or
+// when the agent closed or disconnected (Err then says why).
+func (c *Client) Done() <-chan struct{} { return c.done }
+
 // Close sends HAPROXY-DISCONNECT "normal", waits briefly for the agent's
 // AGENT-DISCONNECT, and closes the connection.
 func (c *Client) Close() error {

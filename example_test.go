@@ -5,16 +5,14 @@ import (
 	"fmt"
 	"log"
 	"net"
-	"os"
-	"os/signal"
-	"syscall"
 	"time"
 
 	"github.com/spoe-go/spoe"
 )
 
 // The simple API: messages with their arguments as Go values in, actions
-// out. HAProxy then reads sess.<var-prefix>.reputation.
+// out. HAProxy then reads sess.<var-prefix>.reputation; here a Client plays
+// HAProxy's part.
 func ExampleNew() {
 	agent := spoe.New(func(messages []spoe.Message) ([]spoe.Action, error) {
 		reputation := 0.0
@@ -34,29 +32,59 @@ func ExampleNew() {
 			spoe.ActionSetVar{Name: "reputation", Scope: spoe.VarScopeSession, Value: reputation},
 		}, nil
 	})
+	client, stop := serve(agent)
+	defer stop()
+
+	actions, err := client.Notify(context.Background(), spoe.ClientMessage{
+		Name: "ip-rep", Args: []spoe.Arg{{Name: "ip", Value: net.ParseIP("127.0.0.1")}},
+	})
+	fmt.Println(actions, err)
+	// Output:
+	// [{reputation sess 1}] <nil>
+}
+
+// An agent listens on a TCP address, HAProxy's backend server line points
+// at it.
+func ExampleAgent_ListenAndServe() {
+	agent := spoe.New(func(messages []spoe.Message) ([]spoe.Action, error) {
+		return []spoe.Action{spoe.ActionSetVar{Name: "seen", Scope: spoe.VarScopeTransaction, Value: true}}, nil
+	})
 	if err := agent.ListenAndServe(":9000"); err != nil {
 		log.Fatal(err)
 	}
 }
 
-// On SIGTERM, stop accepting, let the running handlers finish and their
-// answers reach HAProxy, then close what is left.
+// Shutdown stops accepting, lets the running handlers finish and their
+// answers reach HAProxy, then says goodbye to every connection. A program
+// calls it on SIGTERM:
+//
+//	stop, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+//	defer cancel()
+//	<-stop.Done()
 func ExampleAgent_Shutdown() {
 	agent := spoe.New(func([]spoe.Message) ([]spoe.Action, error) { return nil, nil })
-
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		log.Fatal(err)
+	}
 	served := make(chan error, 1)
-	go func() { served <- agent.ListenAndServe(":9000") }()
+	go func() { served <- agent.Serve(l) }()
+	client, err := spoe.Dial(context.Background(), "tcp", l.Addr().String(), spoe.ClientConfig{})
+	if err != nil {
+		log.Fatal(err)
+	}
 
-	stop, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	<-stop.Done()
-
-	ctx, cancelShutdown := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancelShutdown()
 	if err := agent.Shutdown(ctx); err != nil {
 		agent.Close() // some handlers outlived the timeout
 	}
-	<-served // spoe.ErrAgentClosed
+	fmt.Println(<-served)
+	<-client.Done() // HAProxy would open a new connection, to another agent
+	fmt.Println(client.Err())
+	// Output:
+	// spoe: Agent closed
+	// spoe: agent disconnected: status 0 (normal): "normal"
 }
 
 // serve runs agent on a loopback port and returns a client connected to it
