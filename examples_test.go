@@ -1,7 +1,9 @@
 package spoe_test
 
 import (
+	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 )
@@ -27,4 +29,44 @@ func TestExampleConfigs(t *testing.T) {
 			t.Errorf("HAProxy %s on haproxy-3.x.cfg: %v, want it rejected for \"mode spop\":\n%s", hp.version, err, out)
 		}
 	})
+}
+
+// TestREADMEConfigs: the HAProxy configurations the README shows are the
+// example's files, which TestExampleConfigs checks, word for word; and its
+// scaling-out backend, put in the example's haproxy.cfg, passes
+// "haproxy -dW -c" on every version.
+func TestREADMEConfigs(t *testing.T) {
+	root := moduleRoot()
+	readme := readFile(t, filepath.Join(root, "README.md"))
+	dir := filepath.Join(root, "examples", "ip-reputation")
+	for _, name := range []string{"spoe.conf", "haproxy.cfg", "haproxy-3.x.cfg"} {
+		if content := readFile(t, filepath.Join(dir, name)); !strings.Contains(readme, "```\n"+content+"```\n") {
+			t.Errorf("README.md does not show examples/ip-reputation/%s as it is", name)
+		}
+	}
+
+	m := regexp.MustCompile("(?s)### Scaling out\n.*?```\n(.*?)```").FindStringSubmatch(readme)
+	if m == nil {
+		t.Fatal("no configuration block under \"### Scaling out\" in README.md")
+	}
+	cfg := readFile(t, filepath.Join(dir, "haproxy.cfg"))
+	i := strings.Index(cfg, "backend ip-reputation-agents")
+	if i < 0 || !strings.HasPrefix(m[1], "backend ip-reputation-agents\n") {
+		t.Fatal("the scaling-out block and haproxy.cfg must both declare backend ip-reputation-agents")
+	}
+	forEachHAProxy(t, func(t *testing.T, hp haproxyBinary) {
+		tmp := t.TempDir()
+		writeFile(t, filepath.Join(tmp, "spoe.conf"), readFile(t, filepath.Join(dir, "spoe.conf")))
+		writeFile(t, filepath.Join(tmp, "haproxy.cfg"), cfg[:i]+m[1])
+		checkHAProxyConfig(t, hp, tmp, "haproxy.cfg", "-dW")
+	})
+}
+
+func readFile(t *testing.T, path string) string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
 }
