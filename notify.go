@@ -15,9 +15,10 @@ import (
 // the simple one, built on it.
 //
 // r, w and every view they give (names, values, iterators) are valid only
-// until ServeSPOE returns; builds with the race detector poison them after,
-// so that a handler that keeps one fails loudly in tests. Copy what must
-// outlive the call.
+// until ServeSPOE returns. Builds with the race detector poison them after,
+// so that a handler that keeps one fails loudly in tests: r, w and the
+// iterators panic, the frame's bytes are overwritten, and reading them from
+// another goroutine is a reported race. Copy what must outlive the call.
 //
 // ServeSPOE is called concurrently for the frames of different connections,
 // and for those of one connection when an earlier one is slow.
@@ -305,10 +306,13 @@ type MessageIterator struct {
 // Next moves to the next message and reports whether there is one.
 func (it *MessageIterator) Next() bool {
 	r := it.r
-	if r == nil || it.i >= r.nmsgs {
+	if r == nil {
 		return false
 	}
 	r.check()
+	if it.i >= r.nmsgs {
+		return false
+	}
 	if it.i < indexedMessages {
 		it.cur = r.index[it.i]
 	} else {
@@ -324,6 +328,7 @@ func (it *MessageIterator) Next() bool {
 }
 
 func (it *MessageIterator) name() []byte {
+	it.r.check()
 	return it.r.payload[it.cur.name : it.cur.args-1 : it.cur.args-1]
 }
 
@@ -337,16 +342,20 @@ func (it *MessageIterator) NameBytes() []byte { return it.name() }
 func (it *MessageIterator) NameIs(name string) bool { return string(it.name()) == name }
 
 // NumArgs returns the number of the message's arguments.
-func (it *MessageIterator) NumArgs() int { return int(it.r.payload[it.cur.args-1]) }
+func (it *MessageIterator) NumArgs() int {
+	it.r.check()
+	return int(it.r.payload[it.cur.args-1])
+}
 
 // Args returns an iterator over the message's arguments, in order,
 // unnamed and duplicate ones included.
 func (it *MessageIterator) Args() ArgIterator {
-	return ArgIterator{rest: it.r.payload[it.cur.args:it.cur.end:it.cur.end], left: it.NumArgs()}
+	return ArgIterator{r: it.r, rest: it.r.payload[it.cur.args:it.cur.end:it.cur.end], left: it.NumArgs()}
 }
 
 // Arg returns the value of the message's first argument with that name.
 func (it *MessageIterator) Arg(name string) (Value, bool) {
+	it.r.check()
 	p := it.r.payload[:it.cur.end]
 	off := int(it.cur.args)
 	for i := it.NumArgs(); i > 0; i-- {
@@ -368,6 +377,7 @@ func (it *MessageIterator) Arg(name string) (Value, bool) {
 // ArgIterator walks the arguments of one message. Its views are valid only
 // while the handler runs.
 type ArgIterator struct {
+	r     *Request
 	rest  []byte
 	left  int
 	name  []byte
@@ -376,6 +386,9 @@ type ArgIterator struct {
 
 // Next moves to the next argument and reports whether there is one.
 func (a *ArgIterator) Next() bool {
+	if a.r != nil {
+		a.r.check()
+	}
 	if a.left <= 0 {
 		return false
 	}
