@@ -25,7 +25,9 @@ import (
 //
 // When ServeSPOE returns an error or panics, the actions it wrote are
 // dropped, the agent answers with the error variable set (see
-// Agent.ErrorVar), and logs and counts the error.
+// Agent.ErrorVar), and logs and counts the error. It must not call
+// runtime.Goexit (t.FailNow in a test does): the goroutine it would end may
+// be the one reading its connection.
 type Handler interface {
 	ServeSPOE(w *ActionWriter, r *Request) error
 }
