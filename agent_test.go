@@ -746,7 +746,9 @@ func (r *engines) lookup(id string) int {
 	if e == nil {
 		return 0
 	}
-	return e.len()
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return len(e.conns)
 }
 
 // TestAsyncEngineLingers: with async, an ACK whose connection closed while

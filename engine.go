@@ -134,13 +134,6 @@ func (e *engine) expire() {
 	}
 }
 
-// len returns the number of live connections of the engine.
-func (e *engine) len() int {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	return len(e.conns)
-}
-
 // send queues whole ACK frames (owned by the engine from now on) for a live
 // connection of the engine, and counts them once they leave or are
 // dropped. It reports false when they cannot be queued: the engine is gone
