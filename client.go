@@ -69,6 +69,7 @@ var ErrClientClosed = errors.New("spoe: client closed")
 // it is safe for concurrent use.
 type Client struct {
 	nc       net.Conn
+	rd       frameReader // the handshake's, then readLoop's
 	cfg      ClientConfig
 	maxFrame int
 	caps     capabilities
@@ -139,26 +140,14 @@ func (c *Client) hello() error {
 	if c.cfg.Async {
 		caps |= capAsync
 	}
-	b, start := appendFrameHeader(nil, frameHAProxyHello, flagFin, 0, 0)
-	b = appendName(b, "supported-versions")
-	b = appendTypedBytes(b, TypeString, "2.0")
-	b = appendName(b, "max-frame-size")
-	b = appendTypedInt(b, TypeUint32, uint64(c.cfg.MaxFrameSize))
-	b = appendName(b, "capabilities")
-	b = appendTypedBytes(b, TypeString, caps.String())
-	b = appendName(b, "engine-id")
-	b = appendTypedBytes(b, TypeString, c.engineID)
-	finishFrame(b, start)
+	b := appendHello(nil, frameHAProxyHello, c.cfg.MaxFrameSize, caps, c.engineID)
 	if _, err := c.nc.Write(b); err != nil {
 		return errors.Wrap(err, "spoe: HELLO")
 	}
-	p, err := readFrame(c.nc, nil, c.cfg.MaxFrameSize)
+	c.rd.init(c.nc, c.cfg.MaxFrameSize)
+	f, err := c.rd.next()
 	if err != nil {
 		return errors.Wrap(err, "spoe: AGENT-HELLO")
-	}
-	f, err := parseFrame(p)
-	if err != nil {
-		return err
 	}
 	if f.typ == frameAgentDisconnect {
 		return disconnectError(f.payload)
@@ -191,6 +180,7 @@ func (c *Client) hello() error {
 	if c.maxFrame == 0 {
 		c.maxFrame = c.cfg.MaxFrameSize
 	}
+	c.rd.maxFrame = c.maxFrame
 	return nil
 }
 
@@ -290,12 +280,9 @@ func (c *Client) sendNotify(sid uint64, payload []byte) error {
 	b := c.buf[:0]
 	frag := c.cfg.FragmentSize
 	if frag <= 0 || c.caps&capFragmentation == 0 || len(payload) <= frag {
-		var start int
-		b, start = appendFrameHeader(b, frameNotify, flagFin, sid, 1)
-		b = append(b, payload...)
-		finishFrame(b, start)
-		if len(b)-start-lengthSize > c.maxFrame {
-			return errors.Wrapf(ErrACKTooBig, "NOTIFY of %d bytes above max-frame-size %d", len(b)-start-lengthSize, c.maxFrame)
+		b = appendFrame(b, frameNotify, flagFin, sid, 1, payload)
+		if len(b)-lengthSize > c.maxFrame {
+			return errors.Wrapf(ErrACKTooBig, "NOTIFY of %d bytes above max-frame-size %d", len(b)-lengthSize, c.maxFrame)
 		}
 	} else {
 		typ := frameNotify
@@ -308,10 +295,7 @@ func (c *Client) sendNotify(sid uint64, payload []byte) error {
 			if n == len(payload) {
 				flags = flagFin
 			}
-			var start int
-			b, start = appendFrameHeader(b, typ, flags, sid, 1)
-			b = append(b, payload[:n]...)
-			finishFrame(b, start)
+			b = appendFrame(b, typ, flags, sid, 1, payload[:n])
 			payload = payload[n:]
 			typ = frameUnset
 		}
@@ -323,16 +307,10 @@ func (c *Client) sendNotify(sid uint64, payload []byte) error {
 
 // readLoop reads the agent's frames and hands ACKs to their callers.
 func (c *Client) readLoop() {
-	var buf []byte
 	var err error
 	for {
-		var p []byte
-		if p, err = readFrame(c.nc, buf, c.maxFrame); err != nil {
-			break
-		}
-		buf = p[:0]
 		var f frame
-		if f, err = parseFrame(p); err != nil {
+		if f, err = c.rd.next(); err != nil {
 			break
 		}
 		if f.typ == frameAgentDisconnect {
@@ -354,6 +332,7 @@ func (c *Client) readLoop() {
 		call.aborted = f.abort()
 		close(call.ack)
 	}
+	c.rd.release()
 	c.stop(err)
 }
 
@@ -386,13 +365,7 @@ func (c *Client) Close() error {
 	c.closing = true
 	c.mu.Unlock()
 	c.wmu.Lock()
-	b, start := appendFrameHeader(nil, frameHAProxyDisconnect, flagFin, 0, 0)
-	b = appendName(b, "status-code")
-	b = appendTypedInt(b, TypeUint32, uint64(StatusNormal))
-	b = appendName(b, "message")
-	b = appendTypedBytes(b, TypeString, StatusNormal.String())
-	finishFrame(b, start)
-	_, werr := c.nc.Write(b)
+	_, werr := c.nc.Write(appendDisconnect(nil, frameHAProxyDisconnect, StatusNormal, StatusNormal.String()))
 	c.wmu.Unlock()
 	if werr == nil {
 		select {
@@ -401,7 +374,7 @@ func (c *Client) Close() error {
 		}
 	}
 	c.stop(ErrClientClosed)
-	if err := c.stopErr(); err != ErrClientClosed {
+	if err := c.stopErr(); !errors.Is(err, ErrClientClosed) {
 		return err
 	}
 	return nil

@@ -19,16 +19,15 @@ import (
 // way never starts a second one (two goroutines would run the loop).
 func TestRescueIgnoresRescuingState(t *testing.T) {
 	a := &Agent{}
-	a.init()
-	c := newConn(a, nil)
-	c.timer = time.AfterFunc(time.Hour, func() {})
-	defer c.timer.Stop()
-	c.timerArmed.Store(true)
+	c := testConn(a, nil)
+	c.watch.timer = time.AfterFunc(time.Hour, func() {})
+	defer c.watch.timer.Stop()
+	c.watch.armed.Store(true)
 	s := uint64(7*stateSeq) | stateInline | stateRescuing
-	c.state.Store(s)
-	c.lastSeen.Store(s)
+	c.watch.state.Store(s)
+	c.watch.lastSeen.Store(s)
 	c.rescue()
-	assert.Equal(t, s, c.state.Load(), "state untouched")
+	assert.Equal(t, s, c.watch.state.Load(), "state untouched")
 	assert.Zero(t, a.stats.rescues.Load())
 }
 
@@ -38,16 +37,28 @@ func TestTimerStopsWithTheConnection(t *testing.T) {
 	a := New(seedHandler)
 	p := dialRaw(t, startAgent(t, a))
 	p.hello("pipelining", "e", 16380)
+	var c *conn
+	a.mu.Lock()
+	for c = range a.conns {
+	}
+	a.mu.Unlock()
+	require.NotNil(t, c)
 	payload, _ := appendMessages(nil, []ClientMessage{ipRep(net.IP{1, 2, 3, 4})})
 	bad := []byte{0, 0, 0, 3, 1, 2, 3} // too short a frame, right behind a NOTIFY
 	p.send(append(rawFrame(frameNotify, flagFin, 1, 1, payload), bad...))
 	assert.Equal(t, frameAck, p.next().typ)
 	p.expectDisconnect(StatusInvalidFrame)
 	waitFor(t, func() bool { return a.Stats().ConnsOpen == 0 }, "closed")
-	before := a.stats.timerFirings.Load()
-	// A window in which a timer left running would fire (every 1 to 2 ms).
-	time.Sleep(30 * time.Millisecond)
-	assert.Equal(t, before, a.stats.timerFirings.Load(), "the timer fires no more")
+	waitFor(t, func() bool {
+		a.mu.Lock()
+		defer a.mu.Unlock()
+		return len(a.conns) == 0
+	}, "forgotten")
+	require.NotNil(t, c.watch.timer, "the NOTIFY ran inline, under the timer")
+	assert.False(t, c.watch.armed.Load())
+	// A timer left running would be pending (it re-arms every 50 µs):
+	// Stop would find it so.
+	assert.False(t, c.watch.timer.Stop(), "the timer is stopped")
 }
 
 // TestReadTimeoutBusyConnection: a connection whose every read ends in the
@@ -134,9 +145,9 @@ func (s *scriptedConn) SetWriteDeadline(time.Time) error { return nil }
 
 // writing reports whether c has a write under way.
 func (c *conn) isWriting() bool {
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
-	return c.writing
+	c.wr.mu.Lock()
+	defer c.wr.mu.Unlock()
+	return c.wr.writing
 }
 
 // TestFailedWriteHandsOver: when a combined write fails, the frames it had
@@ -145,14 +156,13 @@ func (c *conn) isWriting() bool {
 // whose frames were taken does not reroute them again.
 func TestFailedWriteHandsOver(t *testing.T) {
 	a := &Agent{}
-	a.init()
 	a.Logger, _ = test.NewNullLogger()
 	defer a.Close()
 	failing := &scriptedConn{release: make(chan struct{}), accept: 5}
 	sibling := &scriptedConn{accept: -1}
-	c := newConn(a, failing)
+	c := testConn(a, failing)
 	c.caps = capAsync
-	c2 := newConn(a, sibling)
+	c2 := testConn(a, sibling)
 	c2.caps = capAsync
 	a.engines.join("e", c)
 	a.engines.join("e", c2)
@@ -161,7 +171,7 @@ func TestFailedWriteHandsOver(t *testing.T) {
 	go func() { first <- c.write(ackFrame(1), false) }()
 	waitFor(t, c.isWriting, "the first write under way")
 	require.NoError(t, c.write(ackFrame(2), false), "queued behind it")
-	require.NoError(t, c.write(appendAgentDisconnect(nil, StatusNormal, ""), true), "queued as the last frame")
+	require.NoError(t, c.write(appendDisconnect(nil, frameAgentDisconnect, StatusNormal, ""), true), "queued as the last frame")
 	close(failing.release)
 
 	var we *writeError
@@ -266,7 +276,7 @@ func TestSlowHandlersDispatched(t *testing.T) {
 	})}
 	p := dialRaw(t, startAgent(t, a))
 	p.hello("pipelining", "e", 16380)
-	a.handlerTime.Store(int64(time.Millisecond)) // as if the last calls took 1 ms
+	a.sched.handlerTime.Store(int64(time.Millisecond)) // as if the last calls took 1 ms
 	payload, _ := appendMessages(nil, []ClientMessage{{Name: "m"}})
 	var batch []byte
 	for sid := uint64(1); sid <= n; sid++ {
@@ -290,7 +300,7 @@ func TestQuickHandlersInline(t *testing.T) {
 	for i := 0; i < 100; i++ {
 		require.NoError(t, p.roundTripN(32))
 	}
-	assert.False(t, a.slowHandlers())
+	assert.False(t, a.sched.slow())
 	// A quick handler descheduled across two timer firings (a loaded
 	// machine, the race detector) is rescued, harmlessly: rare, not never.
 	assert.Less(t, a.Stats().Rescues, uint64(32), "of 3,200 requests")

@@ -132,12 +132,13 @@ func parseDisconnect(payload []byte) (disconnect, error) {
 // AGENT-DISCONNECT: it treats a longer one as an invalid frame.
 const maxDisconnectMessage = 255
 
-// appendAgentDisconnect appends a whole AGENT-DISCONNECT frame.
-func appendAgentDisconnect(b []byte, s Status, message string) []byte {
+// appendDisconnect appends a whole DISCONNECT frame of type typ: the
+// agent's or HAProxy's.
+func appendDisconnect(b []byte, typ frameType, s Status, message string) []byte {
 	if len(message) > maxDisconnectMessage {
 		message = message[:maxDisconnectMessage]
 	}
-	b, start := appendFrameHeader(b, frameAgentDisconnect, flagFin, 0, 0)
+	b, start := appendFrameHeader(b, typ, flagFin, 0, 0)
 	b = appendName(b, "status-code")
 	b = appendTypedInt(b, TypeUint32, uint64(s))
 	b = appendName(b, "message")

@@ -36,11 +36,11 @@ func TestAgentDisconnectGolden(t *testing.T) {
 	want = append(want, "message"...)
 	want = append(want, 0x08, 0x03)
 	want = append(want, "bye"...)
-	assert.Equal(t, want, appendAgentDisconnect(nil, StatusNormal, "bye"))
+	assert.Equal(t, want, appendDisconnect(nil, frameAgentDisconnect, StatusNormal, "bye"))
 }
 
 func TestAgentDisconnectMessageCapped(t *testing.T) {
-	b := appendAgentDisconnect(nil, StatusInvalidFrame, strings.Repeat("m", 300))
+	b := appendDisconnect(nil, frameAgentDisconnect, StatusInvalidFrame, strings.Repeat("m", 300))
 	f, err := parseFrame(b[lengthSize:])
 	require.NoError(t, err)
 	d, err := parseDisconnect(f.payload)

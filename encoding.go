@@ -66,20 +66,6 @@ func appendVarint(b []byte, x uint64) []byte {
 	return append(b, byte(x))
 }
 
-// varintLen returns how many bytes appendVarint writes for x.
-func varintLen(x uint64) int {
-	if x < 240 {
-		return 1
-	}
-	n := 2
-	x = (x - 240) >> 4
-	for x >= 128 {
-		x = (x - 128) >> 7
-		n++
-	}
-	return n
-}
-
 // readVarint decodes the varint at b[off:].
 func readVarint(b []byte, off int) (uint64, int, error) {
 	if off >= len(b) {

@@ -4,6 +4,8 @@ import (
 	"context"
 	"sync"
 	"time"
+
+	"github.com/pkg/errors"
 )
 
 // An engine is one HAProxy SPOE engine, known by the engine-id of its
@@ -216,7 +218,7 @@ func (e *engine) deliver(frames []byte) (taken, written bool) {
 	conns := append([]*conn(nil), e.conns...)
 	e.mu.Unlock()
 	for _, c := range conns {
-		if err := c.write(frames, false); err != errWriteClosed {
+		if err := c.write(frames, false); !errors.Is(err, errWriteClosed) {
 			return true, err == nil
 		}
 	}

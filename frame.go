@@ -9,7 +9,6 @@ package spoe
 
 import (
 	"encoding/binary"
-	"io"
 	"math/bits"
 	"sync"
 )
@@ -60,9 +59,6 @@ const (
 	minFrameLength = 1 + 4 + 1 + 1
 	// MinFrameSize is the smallest max-frame-size SPOP allows.
 	MinFrameSize = 256
-	// maxHeaderLength bounds the header after LENGTH: type, flags and two
-	// 10-byte varints.
-	maxHeaderLength = 1 + 4 + 2*maxVarintLen
 )
 
 // frame is one decoded frame. Its payload is a view of the buffer it was
@@ -119,48 +115,39 @@ func appendFrameHeader(b []byte, t frameType, flags uint32, streamID, frameID ui
 	return b, start
 }
 
+// appendFrame appends a whole frame with that payload.
+func appendFrame(b []byte, t frameType, flags uint32, streamID, frameID uint64, payload []byte) []byte {
+	b, start := appendFrameHeader(b, t, flags, streamID, frameID)
+	b = append(b, payload...)
+	finishFrame(b, start)
+	return b
+}
+
 // finishFrame writes the LENGTH of the frame that starts at b[start:] and
 // runs to the end of b.
 func finishFrame(b []byte, start int) {
 	putUint32(b[start:], uint32(len(b)-start-lengthSize))
 }
 
-// readFrame reads one whole frame from r into buf (grown as needed) and
-// returns the bytes after its length prefix. The length is checked against
-// maxFrameSize before any of the frame's body is read. It is the simple
-// blocking reader used where batching does not matter (the client side).
-func readFrame(r io.Reader, buf []byte, maxFrameSize int) ([]byte, error) {
-	var hdr [lengthSize]byte
-	if _, err := io.ReadFull(r, hdr[:]); err != nil {
-		return nil, err
+// splitFrame is the one walker over runs of whole frames: it splits the
+// first frame (length prefix included) off b. ok is false when b does not
+// start with a whole frame.
+func splitFrame(b []byte) (f, rest []byte, ok bool) {
+	if len(b) < lengthSize {
+		return nil, b, false
 	}
-	n := binary.BigEndian.Uint32(hdr[:])
-	if err := checkLength(n, maxFrameSize); err != nil {
-		return nil, err
+	n := lengthSize + int(binary.BigEndian.Uint32(b))
+	if len(b) < n {
+		return nil, b, false
 	}
-	if cap(buf) < int(n) {
-		buf = make([]byte, n)
-	}
-	buf = buf[:n]
-	if _, err := io.ReadFull(r, buf); err != nil {
-		if err == io.EOF {
-			err = io.ErrUnexpectedEOF
-		}
-		return nil, err
-	}
-	return buf, nil
+	return b[:n], b[n:], true
 }
 
 // countFrames returns the number of whole frames at the start of b, a run
 // of frames the agent built.
 func countFrames(b []byte) int {
 	n := 0
-	for len(b) >= lengthSize {
-		l := int(binary.BigEndian.Uint32(b))
-		if len(b) < lengthSize+l {
-			break
-		}
-		b = b[lengthSize+l:]
+	for _, rest, ok := splitFrame(b); ok; _, rest, ok = splitFrame(rest) {
 		n++
 	}
 	return n
@@ -171,15 +158,10 @@ func countFrames(b []byte) int {
 // connection).
 func ackFrames(b []byte) []byte {
 	var acks []byte
-	for len(b) > lengthSize {
-		l := lengthSize + int(binary.BigEndian.Uint32(b))
-		if len(b) < l {
-			break
+	for f, rest, ok := splitFrame(b); ok; f, rest, ok = splitFrame(rest) {
+		if len(f) > lengthSize && frameType(f[lengthSize]) == frameAck {
+			acks = append(acks, f...)
 		}
-		if frameType(b[lengthSize]) == frameAck {
-			acks = append(acks, b[:l]...)
-		}
-		b = b[l:]
 	}
 	return acks
 }
@@ -187,15 +169,11 @@ func ackFrames(b []byte) []byte {
 // unwritten returns the frames of b from the first one not wholly among
 // its first n bytes.
 func unwritten(b []byte, n int) []byte {
-	off := 0
-	for off+lengthSize <= len(b) {
-		end := off + lengthSize + int(binary.BigEndian.Uint32(b[off:]))
-		if end > n || end > len(b) {
-			break
-		}
-		off = end
+	done := 0
+	for f, rest, ok := splitFrame(b); ok && done+len(f) <= n; f, rest, ok = splitFrame(rest) {
+		done += len(f)
 	}
-	return b[off:]
+	return b[done:]
 }
 
 // buffer is a pooled byte buffer for reading frames and gathering ACKs.

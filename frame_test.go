@@ -149,7 +149,9 @@ func TestReadFrameRefusesBeforeReading(t *testing.T) {
 		var hdr [4]byte
 		binary.BigEndian.PutUint32(hdr[:], n)
 		r := &failingReader{t: t, r: io.MultiReader(bytes.NewReader(hdr[:]), neverEnding('x')), allowed: 4}
-		_, err := readFrame(r, nil, 16380)
+		var rd frameReader
+		rd.init(r, 16380)
+		_, err := rd.next()
 		assert.ErrorIs(t, err, errFrameTooBig)
 	}
 }
@@ -165,15 +167,34 @@ func (b neverEnding) Read(p []byte) (int, error) {
 
 func TestReadFrame(t *testing.T) {
 	b := golden(t, "2.6.12", "notify-echo.bin")
-	got, err := readFrame(bytes.NewReader(b), nil, 16380)
+	read := func(b []byte) (frame, error) {
+		var rd frameReader
+		rd.init(bytes.NewReader(b), 16380)
+		return rd.next()
+	}
+	got, err := read(b)
 	require.NoError(t, err)
-	assert.Equal(t, b[lengthSize:], got)
-	_, err = readFrame(bytes.NewReader(b[:100]), nil, 16380)
+	want, err := parseFrame(b[lengthSize:])
+	require.NoError(t, err)
+	assert.Equal(t, want, got)
+	_, err = read(b[:100])
 	assert.ErrorIs(t, err, io.ErrUnexpectedEOF)
-	_, err = readFrame(bytes.NewReader(b[:2]), nil, 16380)
+	_, err = read(b[:2])
 	assert.ErrorIs(t, err, io.ErrUnexpectedEOF)
-	_, err = readFrame(bytes.NewReader(nil), nil, 16380)
+	_, err = read(nil)
 	assert.ErrorIs(t, err, io.EOF)
+
+	// Frames one after the other, in one read, and then the end.
+	var rd frameReader
+	rd.init(bytes.NewReader(append(append([]byte(nil), b...), b...)), 16380)
+	for i := 0; i < 2; i++ {
+		got, err := rd.next()
+		require.NoError(t, err)
+		assert.Equal(t, want, got)
+	}
+	_, err = rd.next()
+	assert.ErrorIs(t, err, io.EOF)
+	assert.True(t, rd.empty())
 }
 
 func TestBufferClasses(t *testing.T) {

@@ -471,7 +471,7 @@ func FuzzKVList(f *testing.F) {
 			f.Add(p)
 		}
 	}
-	hello := appendAgentHello(nil, 16380, capPipelining|capAsync|capFragmentation)
+	hello := appendHello(nil, frameAgentHello, 16380, capPipelining|capAsync|capFragmentation, "")
 	f.Add(hello[lengthSize+7:])
 	f.Add([]byte{})
 	f.Add([]byte{0x00, 0x00})            // empty key, NULL
@@ -524,21 +524,26 @@ func FuzzFrameHeader(f *testing.F) {
 			n := binary.BigEndian.Uint32(b)
 			err := checkLength(n, maxFrame)
 			check(t, (n >= minFrameLength && n <= maxFrame) == (err == nil), "checkLength(%d): %v", n, err)
-			// readFrame takes the frame's LENGTH bytes, checked against
-			// the limit first: it allocates no more than the frame.
-			var body []byte
+			// The frame reader checks LENGTH against the limit first: it
+			// holds no more than its pooled buffer and the frame.
+			var fr frame
 			var rerr error
-			checkAlloc(t, "readFrame", int(min(n, maxFrame)), 256, 2, func() {
-				body, rerr = readFrame(bytes.NewReader(b), nil, maxFrame)
+			checkAlloc(t, "frameReader", int(min(n, maxFrame)), minBufferSize+512, 2, func() {
+				var rd frameReader
+				rd.init(bytes.NewReader(b), maxFrame)
+				fr, rerr = rd.next()
 			})
 			switch {
 			case err != nil:
-				checkEq(t, rerr, err, "readFrame error")
+				checkEq(t, rerr, err, "frameReader error")
 			case len(b)-lengthSize < int(n):
 				check(t, rerr != nil, "a truncated frame read")
 			default:
-				check(t, rerr == nil, "unexpected error: %v", rerr)
-				checkBytes(t, body, b[lengthSize:lengthSize+int(n)], "frame read")
+				want, perr := parseFrame(b[lengthSize : lengthSize+int(n)])
+				checkEq(t, rerr, perr, "frameReader error")
+				if perr == nil {
+					checkBytes(t, fr.payload, want.payload, "frame read")
+				}
 			}
 		}
 
@@ -623,7 +628,7 @@ func FuzzHello(f *testing.F) {
 		for _, limit := range []int{MinFrameSize, 16380, DefaultMaxFrameSize} {
 			size := negotiateFrameSize(h.maxFrameSize, limit)
 			require.Equal(t, int(min(h.maxFrameSize, uint64(limit))), size)
-			ans := appendAgentHello(nil, size, h.caps)
+			ans := appendHello(nil, frameAgentHello, size, h.caps, "")
 			fr, err := parseFrame(ans[lengthSize:])
 			require.NoError(t, err)
 			require.Equal(t, frameAgentHello, fr.typ)
@@ -841,7 +846,7 @@ func FuzzDisconnect(f *testing.F) {
 
 		// The agent's own DISCONNECT with that status and message, as
 		// HAProxy reads it: the message cut to what HAProxy 2.6 accepts.
-		ans := appendAgentDisconnect(nil, d.status, d.message)
+		ans := appendDisconnect(nil, frameAgentDisconnect, d.status, d.message)
 		fr, err := parseFrame(ans[lengthSize:])
 		require.NoError(t, err)
 		require.Equal(t, frameAgentDisconnect, fr.typ)

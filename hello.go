@@ -175,16 +175,26 @@ func negotiateFrameSize(haproxy uint64, agentLimit int) int {
 	return int(n)
 }
 
-// appendAgentHello appends a whole AGENT-HELLO frame. capabilities is always
-// present, even empty: HAProxy 3.x's health check fails without it.
-func appendAgentHello(b []byte, maxFrameSize int, caps capabilities) []byte {
-	b, start := appendFrameHeader(b, frameAgentHello, flagFin, 0, 0)
-	b = appendName(b, "version")
+// appendHello appends a whole HELLO frame of type typ: the agent's
+// (version) or HAProxy's (supported-versions, and engine-id when not
+// empty), both offering SPOP 2.0. capabilities is always present, even
+// empty: HAProxy 3.x's health check fails without it.
+func appendHello(b []byte, typ frameType, maxFrameSize int, caps capabilities, engineID string) []byte {
+	b, start := appendFrameHeader(b, typ, flagFin, 0, 0)
+	if typ == frameHAProxyHello {
+		b = appendName(b, "supported-versions")
+	} else {
+		b = appendName(b, "version")
+	}
 	b = appendTypedBytes(b, TypeString, "2.0")
 	b = appendName(b, "max-frame-size")
 	b = appendTypedInt(b, TypeUint32, uint64(maxFrameSize))
 	b = appendName(b, "capabilities")
 	b = appendTypedBytes(b, TypeString, caps.String())
+	if engineID != "" {
+		b = appendName(b, "engine-id")
+		b = appendTypedBytes(b, TypeString, engineID)
+	}
 	finishFrame(b, start)
 	return b
 }

@@ -135,11 +135,11 @@ func TestAgentHelloGolden(t *testing.T) {
 	want = append(want, "capabilities"...)
 	want = append(want, 8, 16)
 	want = append(want, "pipelining,async"...)
-	assert.Equal(t, want, appendAgentHello(nil, 16380, capPipelining|capAsync))
+	assert.Equal(t, want, appendHello(nil, frameAgentHello, 16380, capPipelining|capAsync, ""))
 
 	// Empty capabilities are still sent: HAProxy 3.x's health check needs
 	// the key.
-	b := appendAgentHello(nil, 16380, 0)
+	b := appendHello(nil, frameAgentHello, 16380, 0, "")
 	f, err := parseFrame(b[lengthSize:])
 	require.NoError(t, err)
 	assert.Equal(t, frameAgentHello, f.typ)

@@ -421,38 +421,6 @@ func (a *ArgIterator) NameIs(name string) bool { return string(a.name) == name }
 // Value returns the argument's value.
 func (a *ArgIterator) Value() Value { return a.value }
 
-// reassembly gathers the fragments of one NOTIFY (HAProxy 2.6 and 3.0 send
-// them to an agent that announced "fragmentation"): a NOTIFY without FIN,
-// then UNSET frames with the same ids, the last one with FIN. An UNSET with
-// ABORT ends it without an ACK.
-type reassembly struct {
-	active   bool
-	dropping bool // too big: answered with an aborting ACK, rest ignored
-	streamID uint64
-	frameID  uint64
-	buf      []byte
-}
-
-func (ra *reassembly) start(f *frame) {
-	ra.active, ra.dropping = true, false
-	ra.streamID, ra.frameID = f.streamID, f.frameID
-	ra.buf = append(ra.buf[:0], f.payload...)
-}
-
-func (ra *reassembly) matches(f *frame) bool {
-	return ra.active && f.streamID == ra.streamID && f.frameID == ra.frameID
-}
-
-// end forgets the NOTIFY and lets go of a buffer grown past the usual size.
-func (ra *reassembly) end() {
-	ra.active, ra.dropping = false, false
-	if cap(ra.buf) > 64<<10 {
-		ra.buf = nil
-	} else {
-		ra.buf = ra.buf[:0]
-	}
-}
-
 // panicError is a recovered handler panic, with its stack.
 type panicError struct {
 	value interface{}
@@ -474,8 +442,8 @@ func callHandler(h Handler, w *ActionWriter, r *Request) (err error) {
 // serveNotify handles one whole NOTIFY: it calls the handler and completes
 // w's ACK. A handler error or panic replaces the actions with the error
 // variable, so that HAProxy's rules see the failure at once.
-func (a *Agent) serveNotify(w *ActionWriter, r *Request) {
-	err := callHandler(a.handler(), w, r)
+func serveNotify(cfg *config, st *stats, w *ActionWriter, r *Request) {
+	err := callHandler(cfg.handler, w, r)
 	if r.cancel != nil {
 		r.cancel()
 		r.ctx, r.cancel = nil, nil
@@ -485,21 +453,21 @@ func (a *Agent) serveNotify(w *ActionWriter, r *Request) {
 		w.err, w.refused = nil, 0
 		var pe *panicError
 		if errors.As(err, &pe) {
-			a.stats.handlerPanics.Add(1)
-			a.logger().WithField("stream_id", r.streamID).WithField("frame_id", r.frameID).
+			st.handlerPanics.Add(1)
+			cfg.logger.WithField("stream_id", r.streamID).WithField("frame_id", r.frameID).
 				WithField("stack", string(pe.stack)).Errorf("%v", err)
 		} else {
-			a.stats.handlerErrors.Add(1)
-			a.logger().WithField("stream_id", r.streamID).WithField("frame_id", r.frameID).
+			st.handlerErrors.Add(1)
+			cfg.logger.WithField("stream_id", r.streamID).WithField("frame_id", r.frameID).
 				WithError(err).Error("spoe: handler failed")
 		}
-		if name := a.errorVar(); name != "" {
+		if name := cfg.errorVar; name != "" {
 			_ = w.SetBool(VarScopeTransaction, name, true)
 		}
 	}
 	if w.err != nil {
-		a.stats.actionsRefused.Add(uint64(w.refused))
-		a.logger().WithField("stream_id", r.streamID).WithField("frame_id", r.frameID).
+		st.actionsRefused.Add(uint64(w.refused))
+		cfg.logger.WithField("stream_id", r.streamID).WithField("frame_id", r.frameID).
 			WithField("refused", w.refused).WithError(w.err).Error("spoe: actions left out of the ACK")
 	}
 }

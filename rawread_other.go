@@ -3,10 +3,10 @@
 package spoe
 
 // initRawRead does nothing where raw socket reads are not available: the
-// connection reads with net.Conn.Read and holds its buffer while waiting.
-func (c *conn) initRawRead() {}
+// reader reads with the source's Read and holds its buffer while waiting.
+func (rd *frameReader) initRawRead() {}
 
-func (c *conn) read() (int, error) { return c.plainRead() }
+func (rd *frameReader) read() (int, error) { return rd.plainRead() }
 
 // readNow reads nothing where raw socket reads are not available.
-func (c *conn) readNow([]byte) int { return 0 }
+func (rd *frameReader) readNow([]byte) int { return 0 }

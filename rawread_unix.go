@@ -8,9 +8,9 @@ import (
 
 // initRawRead prepares reads that take a buffer only once data is there:
 // through syscall.RawConn, the read callback runs when the socket is
-// readable, so a connection waiting for its next frame holds no buffer.
-func (c *conn) initRawRead() {
-	sc, ok := c.nc.(syscall.Conn)
+// readable, so a reader waiting for its next frame holds no buffer.
+func (rd *frameReader) initRawRead() {
+	sc, ok := rd.src.(syscall.Conn)
 	if !ok {
 		return
 	}
@@ -18,57 +18,56 @@ func (c *conn) initRawRead() {
 	if err != nil {
 		return
 	}
-	c.rc = rc
-	c.readFn = c.rawRead
+	rd.rc = rc
+	rd.readFn = rd.rawRead
 }
 
-// read reads into the read buffer, taking one if the connection has none.
-func (c *conn) read() (int, error) {
-	if c.rc == nil {
-		return c.plainRead()
+// read reads into the buffer, taking one if the reader has none.
+func (rd *frameReader) read() (int, error) {
+	if rd.rc == nil {
+		return rd.plainRead()
 	}
-	c.readN, c.readErr = 0, nil
-	if err := c.rc.Read(c.readFn); err != nil {
+	rd.readN, rd.readErr = 0, nil
+	if err := rd.rc.Read(rd.readFn); err != nil {
 		return 0, err
 	}
-	return c.readN, c.readErr
+	return rd.readN, rd.readErr
 }
 
 // rawRead is the syscall.RawConn read callback. It returns false, holding
 // no buffer, when the socket has nothing to read yet.
-func (c *conn) rawRead(fd uintptr) bool {
-	buf := c.in
+func (rd *frameReader) rawRead(fd uintptr) bool {
+	buf := rd.in
 	if buf == nil {
 		buf = getBuffer(0)
 	}
 	for {
-		n, err := syscall.Read(int(fd), buf.b[c.w:])
+		n, err := syscall.Read(int(fd), buf.b[rd.w:])
 		switch err {
 		case syscall.EINTR:
 			continue
 		case syscall.EAGAIN:
-			if c.in == nil {
+			if rd.in == nil {
 				putBuffer(buf)
 			}
 			return false
 		}
-		c.in = buf
+		rd.in = buf
 		if n < 0 {
 			n = 0
 		}
-		c.readN, c.readErr = n, err
+		rd.readN, rd.readErr = n, err
 		return true
 	}
 }
 
-// readNow reads what the socket already holds into b, without waiting (the
-// read deadline may have passed: Shutdown sets it so).
-func (c *conn) readNow(b []byte) int {
-	if c.rc == nil {
+// readNow reads what the socket already holds into b, without waiting.
+func (rd *frameReader) readNow(b []byte) int {
+	if rd.rc == nil {
 		return 0
 	}
 	n := 0
-	_ = c.rc.Control(func(fd uintptr) {
+	_ = rd.rc.Control(func(fd uintptr) {
 		for {
 			m, err := syscall.Read(int(fd), b)
 			if err == syscall.EINTR {

@@ -162,15 +162,7 @@ type Agent struct {
 	engines engines
 	stats   stats
 
-	inflight atomic.Int64 // handler calls running
-	slotMu   sync.Mutex
-	slotCond *sync.Cond
-	waiters  atomic.Int32
-
-	// handlerTime is a moving average of the sampled handler durations, in
-	// nanoseconds: when handlers are slow, frames go to goroutines of their
-	// own at once rather than run inline.
-	handlerTime atomic.Int64
+	sched scheduler // handler slots and scheduling policy (sched.go)
 }
 
 // New returns an Agent that answers NOTIFY frames with handler.
@@ -186,7 +178,7 @@ func (a *Agent) init() {
 		a.done = make(chan struct{})
 		a.drained = make(chan struct{})
 		a.engines.agent = a
-		a.slotCond = sync.NewCond(&a.slotMu)
+		a.sched.slots.init(a.maxInFlight())
 		if a.MaxConns > 0 {
 			a.connSlots = make(chan struct{}, a.MaxConns)
 		}
@@ -225,14 +217,11 @@ func (a *Agent) maxInFlight() int64 {
 	return int64(a.MaxInFlight)
 }
 
-func (a *Agent) maxInFlightPerConn() int32 {
+func (a *Agent) maxInFlightPerConn() int64 {
 	if a.MaxInFlightPerConn <= 0 {
 		return DefaultMaxInFlightPerConn
 	}
-	if a.MaxInFlightPerConn > 1<<30 {
-		return 1 << 30
-	}
-	return int32(a.MaxInFlightPerConn)
+	return int64(a.MaxInFlightPerConn)
 }
 
 func (a *Agent) readTimeout() time.Duration {
@@ -266,6 +255,34 @@ func (a *Agent) logger() logrus.FieldLogger {
 	return a.Logger
 }
 
+// config is the Agent's configuration resolved once, when Serve starts:
+// connections read it, never the Agent's fields.
+type config struct {
+	handler      Handler
+	logger       logrus.FieldLogger
+	maxFrameSize int
+	maxPerConn   int64
+	readTimeout  time.Duration
+	idleTimeout  time.Duration
+	writeTimeout time.Duration
+	errorVar     string // "" for none
+	prefixLen    int    // of VarPrefix, to check variable names
+}
+
+func (a *Agent) config() *config {
+	return &config{
+		handler:      a.handler(),
+		logger:       a.logger(),
+		maxFrameSize: a.maxFrameSize(),
+		maxPerConn:   a.maxInFlightPerConn(),
+		readTimeout:  a.readTimeout(),
+		idleTimeout:  a.IdleTimeout,
+		writeTimeout: a.writeTimeout(),
+		errorVar:     a.errorVar(),
+		prefixLen:    len(a.VarPrefix),
+	}
+}
+
 // ListenAndServe listens on the TCP address addr and serves SPOP on it. It
 // always returns a non-nil error: ErrAgentClosed after Shutdown or Close.
 func (a *Agent) ListenAndServe(addr string) error {
@@ -291,6 +308,7 @@ func (a *Agent) Serve(l net.Listener) error {
 	}
 	defer a.trackListener(&l, false)
 	defer l.Close()
+	cfg := a.config()
 	var backoff time.Duration
 	for {
 		if a.connSlots != nil {
@@ -322,7 +340,7 @@ func (a *Agent) Serve(l net.Listener) error {
 			return errors.Wrap(err, "spoe: accept")
 		}
 		backoff = 0
-		c := newConn(a, nc)
+		c := newConn(a, cfg, nc)
 		if !a.trackConn(c, true) {
 			nc.Close()
 			if a.connSlots != nil {
@@ -470,70 +488,6 @@ func (a *Agent) Close() error {
 	for _, c := range conns {
 		c.abort()
 	}
-	a.slotMu.Lock()
-	a.slotCond.Broadcast()
-	a.slotMu.Unlock()
+	a.sched.slots.close()
 	return err
-}
-
-// tryAcquireSlot takes one of the agent's MaxInFlight handler slots if
-// one is free.
-func (a *Agent) tryAcquireSlot() bool {
-	limit := a.maxInFlight()
-	for {
-		n := a.inflight.Load()
-		if n >= limit {
-			return false
-		}
-		if a.inflight.CompareAndSwap(n, n+1) {
-			return true
-		}
-	}
-}
-
-// acquireSlot takes one of the agent's MaxInFlight handler slots, waiting
-// for one if needed. It reports false if the agent was closed meanwhile.
-func (a *Agent) acquireSlot() bool {
-	limit := a.maxInFlight()
-	for {
-		if a.tryAcquireSlot() {
-			return true
-		}
-		a.slotMu.Lock()
-		a.waiters.Add(1)
-		for a.inflight.Load() >= limit && a.base.Err() == nil {
-			a.slotCond.Wait()
-		}
-		a.waiters.Add(-1)
-		a.slotMu.Unlock()
-		if a.base.Err() != nil {
-			return false
-		}
-	}
-}
-
-// releaseSlot gives a handler slot back.
-func (a *Agent) releaseSlot() {
-	a.inflight.Add(-1)
-	if a.waiters.Load() > 0 {
-		a.slotMu.Lock()
-		a.slotCond.Broadcast()
-		a.slotMu.Unlock()
-	}
-}
-
-// prefixLen is the var-prefix length used to check variable names.
-func (a *Agent) prefixLen() int { return len(a.VarPrefix) }
-
-// slowHandlers reports whether handlers have lately been slow enough that
-// a frame should not wait behind them: see dispatchThreshold.
-func (a *Agent) slowHandlers() bool {
-	return time.Duration(a.handlerTime.Load()) > dispatchThreshold
-}
-
-// observeHandlerTime feeds the moving average of handler durations (one
-// sample in latencySampling; a weight of 1/8 each).
-func (a *Agent) observeHandlerTime(d time.Duration) {
-	avg := a.handlerTime.Load()
-	a.handlerTime.Store(avg + (int64(d)-avg)/8)
 }

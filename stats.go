@@ -1,7 +1,6 @@
 package spoe
 
 import (
-	"encoding/binary"
 	"expvar"
 	"math/bits"
 	"sync/atomic"
@@ -27,7 +26,6 @@ type stats struct {
 	rescues        atomic.Uint64
 	protocolErrors atomic.Uint64
 	notifyTooBig   atomic.Uint64
-	timerFirings   atomic.Uint64 // rescue timer firings (not in Stats)
 
 	disconnectsIn  [numStatusStats]atomic.Uint64
 	disconnectsOut [numStatusStats]atomic.Uint64
@@ -65,13 +63,10 @@ func statusStat(s Status) int {
 // b by type: the frames a write hands to the kernel, or those it failed to.
 func (s *stats) countFramesOut(b []byte, sign int) {
 	var n [numFrameStats]uint64
-	for len(b) > lengthSize {
-		l := lengthSize + int(binary.BigEndian.Uint32(b))
-		if len(b) < l {
-			break
+	for f, rest, ok := splitFrame(b); ok; f, rest, ok = splitFrame(rest) {
+		if len(f) > lengthSize {
+			n[frameStat(frameType(f[lengthSize]))]++
 		}
-		n[frameStat(frameType(b[lengthSize]))]++
-		b = b[l:]
 	}
 	for i, k := range n {
 		if k > 0 {
@@ -193,7 +188,7 @@ func (a *Agent) Stats() Stats {
 		FramesOut:      frameCounts(&s.framesOut),
 		Writes:         s.writes.Load(),
 		Healthchecks:   s.healthchecks.Load(),
-		InFlight:       a.inflight.Load(),
+		InFlight:       a.sched.slots.inUse(),
 		HandlerErrors:  s.handlerErrors.Load(),
 		HandlerPanics:  s.handlerPanics.Load(),
 		ActionsRefused: s.actionsRefused.Load(),

@@ -1,0 +1,266 @@
+package spoe
+
+import (
+	"encoding/binary"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/pkg/errors"
+)
+
+// frameReader reads the frames of one connection: the agent's (conn.go)
+// and the client's (client.go). It reads into a pooled buffer, as much as
+// the socket holds, and returns each whole frame as a view of that buffer.
+// A frame's LENGTH is checked against the negotiated max-frame-size before
+// any of its body is awaited, and the buffer grows with the bytes that
+// arrive, not with what a LENGTH claims. With nothing unread, the buffer
+// is given back before the next blocking read; on unix the read takes one
+// only once the socket is readable (rawread_unix.go), so an idle
+// connection holds no read buffer.
+//
+// Ownership: every field but stopMu and stopped belongs to the goroutine
+// that holds the connection's reading role: for the agent, the one running
+// conn.loop (see sched.go for how the role may move); for the client, its
+// readLoop. stop may be called from any goroutine.
+type frameReader struct {
+	src io.Reader
+	nc  net.Conn        // src when it is a connection: for read deadlines
+	rc  syscall.RawConn // nil: plain blocking reads
+
+	in       *buffer // nil when idle
+	r, w     int     // unread bytes: in.b[r:w]
+	maxFrame int     // LENGTH bound
+	frames   uint64  // frames returned
+
+	// The raw read callback and its results (rawread_unix.go).
+	readFn  func(fd uintptr) bool
+	readN   int
+	readErr error
+
+	// The read deadline: what it is for, when it fires, and the frame
+	// count when it was set.
+	dlKind   int
+	dlAt     time.Time
+	dlFrames uint64
+
+	stopMu  sync.Mutex // orders deadline changes with stop
+	stopped atomic.Bool
+}
+
+// Read deadline kinds.
+const (
+	deadlineNone  = iota
+	deadlineIdle  // waiting for the next frame
+	deadlineFrame // waiting for the rest of a frame (or for the HELLO)
+)
+
+// errDraining: the reader was stopped (Agent.Shutdown).
+var errDraining = errors.New("spoe: agent shutting down")
+
+// init prepares rd to read frames of at most maxFrame bytes from src.
+func (rd *frameReader) init(src io.Reader, maxFrame int) {
+	rd.src, rd.maxFrame = src, maxFrame
+	rd.nc, _ = src.(net.Conn)
+	rd.initRawRead()
+}
+
+// empty reports whether no byte is left unread in the buffer.
+func (rd *frameReader) empty() bool { return rd.r == rd.w }
+
+// buffered returns the next frame if it is whole in the buffer (ok). Its
+// LENGTH is checked first: a bad one is an error whatever follows. When the
+// frame is not whole yet, room is made for it.
+func (rd *frameReader) buffered() (f frame, ok bool, err error) {
+	n := rd.w - rd.r
+	if n < lengthSize {
+		return frame{}, false, nil
+	}
+	length := binary.BigEndian.Uint32(rd.in.b[rd.r:])
+	if err := checkLength(length, rd.maxFrame); err != nil {
+		return frame{}, false, err
+	}
+	total := lengthSize + int(length)
+	if n < total {
+		rd.reserve(total)
+		return frame{}, false, nil
+	}
+	b := rd.in.b[rd.r+lengthSize : rd.r+total : rd.r+total]
+	rd.r += total
+	rd.frames++
+	f, err = parseFrame(b)
+	return f, err == nil, err
+}
+
+// next returns the next frame, reading as needed, without deadlines: the
+// client's way. The frame is a view of the buffer, valid until the next
+// call.
+func (rd *frameReader) next() (frame, error) {
+	for {
+		f, ok, err := rd.buffered()
+		if ok || err != nil {
+			return f, err
+		}
+		if err := rd.fill(); err != nil {
+			return frame{}, err
+		}
+	}
+}
+
+// reserve makes room in the buffer for more of a frame of total bytes that
+// starts at rd.r. The buffer grows with the bytes that arrive: a peer must
+// send a big frame to make the reader hold one.
+func (rd *frameReader) reserve(total int) {
+	if len(rd.in.b)-rd.r >= total {
+		return
+	}
+	if rd.r > 0 && (len(rd.in.b) >= total || rd.w-rd.r < len(rd.in.b)/2) {
+		rd.w = copy(rd.in.b, rd.in.b[rd.r:rd.w])
+		rd.r = 0
+		if len(rd.in.b) >= total || rd.w < len(rd.in.b) {
+			return
+		}
+	}
+	size := 2 * len(rd.in.b)
+	if size > total {
+		size = total
+	}
+	nb := getBuffer(size)
+	rd.w = copy(nb.b, rd.in.b[rd.r:rd.w])
+	rd.r = 0
+	putBuffer(rd.in)
+	rd.in = nb
+}
+
+// fill reads more bytes, blocking until some come. With nothing unread,
+// it gives the buffer back first: frames returned before are invalid.
+func (rd *frameReader) fill() error {
+	switch {
+	case rd.r == rd.w:
+		rd.release()
+	case rd.w == len(rd.in.b):
+		// Full with less than a length prefix at its end.
+		rd.w = copy(rd.in.b, rd.in.b[rd.r:rd.w])
+		rd.r = 0
+	}
+	n, err := rd.read()
+	rd.w += n
+	if n > 0 {
+		return nil
+	}
+	if err == nil || errors.Is(err, io.EOF) {
+		err = io.EOF
+		if rd.w > rd.r {
+			err = io.ErrUnexpectedEOF // in the middle of a frame
+		}
+	}
+	return err
+}
+
+// fillNow reads what the socket already holds, without waiting (the read
+// deadline may have passed: stop sets it so). It reports whether it read.
+func (rd *frameReader) fillNow() bool {
+	if rd.in == nil {
+		rd.in, rd.r, rd.w = getBuffer(0), 0, 0
+	} else if rd.r > 0 {
+		rd.w = copy(rd.in.b, rd.in.b[rd.r:rd.w])
+		rd.r = 0
+	}
+	if rd.w == len(rd.in.b) {
+		return false
+	}
+	n := rd.readNow(rd.in.b[rd.w:])
+	rd.w += n
+	return n > 0
+}
+
+// plainRead reads with the source's Read, for sources without raw access.
+func (rd *frameReader) plainRead() (int, error) {
+	if rd.in == nil {
+		rd.in, rd.r, rd.w = getBuffer(0), 0, 0
+	}
+	return rd.src.Read(rd.in.b[rd.w:])
+}
+
+// release gives the buffer back; nothing may be unread in it.
+func (rd *frameReader) release() {
+	if rd.in != nil {
+		putBuffer(rd.in)
+		rd.in, rd.r, rd.w = nil, 0, 0
+	}
+}
+
+// detach leaves the buffer, and the frames returned from it, to whoever
+// took rd.in before (and gives it back with putBuffer): the reader goes on
+// with the unread bytes in a buffer of its own.
+func (rd *frameReader) detach() {
+	if rd.w > rd.r {
+		nb := getBuffer(rd.w - rd.r)
+		rd.w = copy(nb.b, rd.in.b[rd.r:rd.w])
+		rd.r = 0
+		rd.in = nb
+	} else {
+		rd.in, rd.r, rd.w = nil, 0, 0
+	}
+}
+
+// armDeadline sets the read deadline for what the next read waits for: the
+// rest of a frame, or the next frame when idle is set (no deadline if
+// idleTimeout is zero). A frame's deadline is fixed once the frame began,
+// so that a peer sending a byte at a time cannot stretch it. It returns
+// errDraining once stop was called.
+func (rd *frameReader) armDeadline(idle bool, frameTimeout, idleTimeout time.Duration) error {
+	if rd.stopped.Load() {
+		return errDraining
+	}
+	kind, d := deadlineFrame, frameTimeout
+	if idle {
+		kind, d = deadlineIdle, idleTimeout
+		if d <= 0 {
+			kind = deadlineNone
+		}
+	}
+	switch {
+	case kind == deadlineFrame && rd.dlKind == deadlineFrame && rd.dlFrames == rd.frames:
+		return nil // the frame's deadline runs from its first byte
+	case kind == deadlineNone && rd.dlKind == deadlineNone:
+		return nil
+	case kind == rd.dlKind && time.Until(rd.dlAt) > d-d/8:
+		// Refreshed lazily: an idle deadline fires between 7/8 and 8/8 of
+		// d after the last frame, a frame's between 7/8 and 8/8 of d after
+		// its first byte.
+		rd.dlFrames = rd.frames
+		return nil
+	}
+	rd.stopMu.Lock()
+	defer rd.stopMu.Unlock()
+	if rd.stopped.Load() {
+		return errDraining
+	}
+	rd.setDeadlineLocked(kind, d)
+	return nil
+}
+
+// setDeadlineLocked sets the deadline, with stopMu held.
+func (rd *frameReader) setDeadlineLocked(kind int, d time.Duration) {
+	var at time.Time
+	if kind != deadlineNone {
+		at = time.Now().Add(d)
+	}
+	rd.dlKind, rd.dlAt, rd.dlFrames = kind, at, rd.frames
+	_ = rd.nc.SetReadDeadline(at)
+}
+
+// stop makes the reader's blocked read return at once, and every later
+// armDeadline return errDraining. Any goroutine may call it.
+func (rd *frameReader) stop() {
+	rd.stopMu.Lock()
+	rd.stopped.Store(true)
+	if rd.nc != nil {
+		_ = rd.nc.SetReadDeadline(time.Unix(1, 0))
+	}
+	rd.stopMu.Unlock()
+}

@@ -1,0 +1,142 @@
+package spoe
+
+import (
+	"net"
+	"sync"
+	"time"
+
+	"github.com/pkg/errors"
+)
+
+// frameWriter is a connection's write side. Whole frames only: each call
+// brings a run of them (the ACKs of one batch, an ACK from a handler that
+// ran in a goroutine of its own, an AGENT-HELLO or AGENT-DISCONNECT). One
+// goroutine writes at a time; the frames others bring meanwhile are
+// gathered and leave together in its next write, so that a burst costs one
+// write, not one per frame.
+//
+// Ownership: any goroutine may call write and closeWrite. mu guards
+// writing, closed and pending; dlAt belongs to the goroutine that set
+// writing; nc, timeout and stats are set before the connection is served.
+type frameWriter struct {
+	nc      net.Conn
+	timeout time.Duration
+	stats   *stats
+
+	mu      sync.Mutex
+	cond    sync.Cond // signalled when writing ends
+	writing bool      // a goroutine is writing
+	closed  bool      // no frame is accepted any more
+	pending []byte    // frames brought while writing
+	dlAt    time.Time // the write deadline set last
+}
+
+// errWriteClosed: write did not take the frames, the connection being
+// closed for writing: they are still the caller's.
+var errWriteClosed = errors.New("spoe: connection closed for write")
+
+// writeError is a write that failed. lost holds the frames that were not
+// written, the caller's and those gathered from others, to be handed over
+// (async) or dropped by the connection.
+type writeError struct {
+	err  error
+	lost []byte
+}
+
+func (e *writeError) Error() string { return "spoe: write: " + e.err.Error() }
+func (e *writeError) Unwrap() error { return e.err }
+
+func (fw *frameWriter) init(nc net.Conn, timeout time.Duration, st *stats) {
+	fw.nc, fw.timeout, fw.stats = nc, timeout, st
+	fw.cond.L = &fw.mu
+}
+
+// write sends whole frames, or gathers them into the write under way.
+// With last, they are the connection's last: nothing is accepted after
+// them. It returns errWriteClosed when it did not take the frames, a
+// *writeError when the connection failed while they were being written
+// (the write side is then closed), else nil.
+func (fw *frameWriter) write(frames []byte, last bool) error {
+	fw.mu.Lock()
+	if fw.closed {
+		fw.mu.Unlock()
+		return errWriteClosed
+	}
+	if last {
+		fw.closed = true
+	}
+	if fw.writing {
+		fw.pending = append(fw.pending, frames...)
+		fw.mu.Unlock()
+		return nil
+	}
+	fw.writing = true
+	fw.mu.Unlock()
+
+	batch, owned := frames, false // owned: batch is a former fw.pending
+	for {
+		n, err := fw.writeOut(batch)
+		fw.mu.Lock()
+		if err != nil {
+			fw.closed = true
+			lost := append(append([]byte(nil), unwritten(batch, n)...), fw.pending...)
+			fw.pending = nil
+			fw.writing = false
+			fw.cond.Broadcast()
+			fw.mu.Unlock()
+			return &writeError{err: err, lost: lost}
+		}
+		if len(fw.pending) == 0 {
+			if owned && cap(batch) <= 64<<10 {
+				fw.pending = batch[:0] // kept for the next burst
+			}
+			fw.writing = false
+			fw.cond.Broadcast()
+			fw.mu.Unlock()
+			return nil
+		}
+		next := fw.pending
+		fw.pending = nil
+		if owned {
+			fw.pending = batch[:0]
+		}
+		batch, owned = next, true
+		fw.mu.Unlock()
+	}
+}
+
+// writeOut performs one write, with a write deadline refreshed lazily.
+func (fw *frameWriter) writeOut(b []byte) (int, error) {
+	d := fw.timeout
+	if time.Until(fw.dlAt) < d-d/8 {
+		fw.dlAt = time.Now().Add(d)
+		_ = fw.nc.SetWriteDeadline(fw.dlAt)
+	}
+	// Counted before the write, so that whoever reads a frame sees it
+	// counted; what the write did not complete is taken back.
+	fw.stats.countFramesOut(b, 1)
+	n, err := fw.nc.Write(b)
+	if err == nil {
+		fw.stats.writes.Add(1)
+	} else {
+		fw.stats.countFramesOut(unwritten(b, n), -1)
+	}
+	return n, err
+}
+
+// closeWrite waits for the write under way and accepts no more.
+func (fw *frameWriter) closeWrite() {
+	fw.mu.Lock()
+	for fw.writing {
+		fw.cond.Wait()
+	}
+	fw.closed = true
+	fw.mu.Unlock()
+}
+
+// close accepts no more frames, without waiting.
+func (fw *frameWriter) close() {
+	fw.mu.Lock()
+	fw.closed = true
+	fw.mu.Unlock()
+}
