@@ -61,11 +61,10 @@ var simpleHandler = MessageHandler(func(messages []Message) ([]Action, error) {
 // frames, ACKs read into a fixed buffer. It allocates nothing per request,
 // so that allocation counts are the agent's.
 type loadPeer struct {
-	nc      net.Conn
-	batch   []byte // inflight NOTIFY frames, stream-ids 1..inflight
-	rbuf    []byte
-	r, w    int
-	pending int
+	nc    net.Conn
+	batch []byte // inflight NOTIFY frames, stream-ids 1..inflight
+	rbuf  []byte
+	r, w  int
 }
 
 func newLoadPeer(t testing.TB, a *Agent, msg ClientMessage, inflight int) *loadPeer {

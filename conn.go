@@ -2,12 +2,9 @@ package spoe
 
 import (
 	"context"
-	"io"
 	"net"
-	"os"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/pkg/errors"
@@ -22,9 +19,6 @@ const lingerTimeout = time.Second
 // maxHelloFrame bounds frames before the handshake: a HAPROXY-HELLO is
 // about 130 bytes.
 const maxHelloFrame = 16 << 10
-
-// maxReassembled bounds a NOTIFY joined from fragments.
-const maxReassembled = 1 << 20
 
 // Ends of a connection that are not errors to report.
 var (
@@ -250,49 +244,6 @@ func (c *conn) onNotify(f *frame) error {
 	return c.handle(f.streamID, f.frameID, f.payload)
 }
 
-func (c *conn) onUnset(f *frame) error {
-	if !c.frag.matches(f) {
-		if c.frag.active {
-			return errInterlaced
-		}
-		return nil // nothing to continue or abort: ignored
-	}
-	if f.abort() {
-		c.frag.end()
-		return nil
-	}
-	if !c.frag.dropping {
-		c.frag.buf = append(c.frag.buf, f.payload...)
-		c.checkReassembly()
-	}
-	if !f.fin() {
-		return nil
-	}
-	if c.frag.dropping {
-		c.frag.end()
-		return nil
-	}
-	if err := c.handle(c.frag.streamID, c.frag.frameID, c.frag.buf); err != nil {
-		return err
-	}
-	c.frag.end()
-	return nil
-}
-
-// checkReassembly answers a NOTIFY that grew too big with an aborting ACK
-// (HAProxy then fails that event) and ignores the rest of its fragments.
-func (c *conn) checkReassembly() {
-	if len(c.frag.buf) <= maxReassembled {
-		return
-	}
-	c.stats.notifyTooBig.Add(1)
-	c.cfg.logger.WithField("stream_id", c.frag.streamID).WithField("frame_id", c.frag.frameID).
-		Warnf("spoe: fragmented NOTIFY above %d bytes: aborted", maxReassembled)
-	c.out.b = appendFrame(c.outBuf(), frameAck, flagFin|flagAbort, c.frag.streamID, c.frag.frameID, nil)
-	c.frag.dropping = true
-	c.frag.buf = nil
-}
-
 // onDisconnect answers HAProxy's DISCONNECT with its own status.
 func (c *conn) onDisconnect(f *frame) error {
 	d, err := parseDisconnect(f.payload)
@@ -337,80 +288,6 @@ func (c *conn) drain() error {
 		if !c.rd.fillNow() {
 			return nil
 		}
-	}
-}
-
-// outBuf returns the gathered ACKs' buffer, taking one if needed.
-func (c *conn) outBuf() []byte {
-	if c.out == nil {
-		c.out = getBuffer(0)
-		c.out.b = c.out.b[:0]
-	}
-	return c.out.b
-}
-
-// gather adds frames to those written before the next blocking read.
-func (c *conn) gather(frames []byte) {
-	c.out.b = append(c.outBuf(), frames...)
-}
-
-// flush writes the gathered frames.
-func (c *conn) flush() error {
-	if c.out == nil || len(c.out.b) == 0 {
-		return nil
-	}
-	err := c.write(c.out.b, false)
-	if errors.Is(err, errWriteClosed) {
-		c.reroute(c.out.b)
-	}
-	c.out.b = c.out.b[:0]
-	return err
-}
-
-// write hands whole frames to the writer (see frameWriter.write). A write
-// that fails ends the connection: the frames it did not write are rerouted.
-func (c *conn) write(frames []byte, last bool) error {
-	err := c.wr.write(frames, last)
-	if err == nil {
-		return nil
-	}
-	if we := (*writeError)(nil); errors.As(err, &we) {
-		if !isNormalEnd(we.err) {
-			c.log().WithError(we.err).Warn("spoe: write failed, closing the connection")
-		}
-		c.reroute(we.lost)
-		c.closeSocket()
-	}
-	return err
-}
-
-// deliver sends the ACK of a handler that ran out of the reading role: on
-// its own connection, or with async on any live one of its engine.
-func (c *conn) deliver(ack []byte) {
-	if err := c.write(ack, false); !errors.Is(err, errWriteClosed) {
-		return // written, or rerouted with what failed with it
-	}
-	c.reroute(append([]byte(nil), ack...))
-}
-
-// reroute gives the ACK frames among frames, which cannot leave on this
-// connection, to its engine (async), or drops them.
-func (c *conn) reroute(frames []byte) {
-	acks := ackFrames(frames)
-	if len(acks) == 0 {
-		return
-	}
-	if c.engine != nil && c.engine.send(acks) {
-		return // counted by the engine
-	}
-	c.stats.acksDropped.Add(uint64(countFrames(acks)))
-}
-
-// rerouteOut reroutes the ACKs gathered for a peer that will not read them.
-func (c *conn) rerouteOut() {
-	if c.out != nil && len(c.out.b) > 0 {
-		c.reroute(c.out.b)
-		c.out.b = c.out.b[:0]
 	}
 }
 
@@ -577,13 +454,3 @@ func (c *conn) unref() {
 func (c *conn) log() logrus.FieldLogger {
 	return c.cfg.logger.WithField("remote", c.nc.RemoteAddr().String())
 }
-
-// isNormalEnd reports a connection end that is no error: EOF, reset, or
-// the socket closed by the agent itself.
-func isNormalEnd(err error) bool {
-	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) ||
-		errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) ||
-		errors.Is(err, net.ErrClosed)
-}
-
-func isTimeout(err error) bool { return errors.Is(err, os.ErrDeadlineExceeded) }

@@ -140,3 +140,82 @@ func (fw *frameWriter) close() {
 	fw.closed = true
 	fw.mu.Unlock()
 }
+
+// The connection's side of writing: the ACKs the reading role gathers
+// (c.out, the reading role's) leave in one write before it blocks; an ACK
+// that cannot leave on its connection is handed to its engine (async) or
+// dropped, and counted.
+
+// outBuf returns the gathered ACKs' buffer, taking one if needed.
+func (c *conn) outBuf() []byte {
+	if c.out == nil {
+		c.out = getBuffer(0)
+		c.out.b = c.out.b[:0]
+	}
+	return c.out.b
+}
+
+// gather adds frames to those written before the next blocking read.
+func (c *conn) gather(frames []byte) {
+	c.out.b = append(c.outBuf(), frames...)
+}
+
+// flush writes the gathered frames.
+func (c *conn) flush() error {
+	if c.out == nil || len(c.out.b) == 0 {
+		return nil
+	}
+	err := c.write(c.out.b, false)
+	if errors.Is(err, errWriteClosed) {
+		c.reroute(c.out.b)
+	}
+	c.out.b = c.out.b[:0]
+	return err
+}
+
+// write hands whole frames to the writer (see frameWriter.write). A write
+// that fails ends the connection: the frames it did not write are rerouted.
+func (c *conn) write(frames []byte, last bool) error {
+	err := c.wr.write(frames, last)
+	if err == nil {
+		return nil
+	}
+	if we := (*writeError)(nil); errors.As(err, &we) {
+		if !isNormalEnd(we.err) {
+			c.log().WithError(we.err).Warn("spoe: write failed, closing the connection")
+		}
+		c.reroute(we.lost)
+		c.closeSocket()
+	}
+	return err
+}
+
+// deliver sends the ACK of a handler that ran out of the reading role: on
+// its own connection, or with async on any live one of its engine.
+func (c *conn) deliver(ack []byte) {
+	if err := c.write(ack, false); !errors.Is(err, errWriteClosed) {
+		return // written, or rerouted with what failed with it
+	}
+	c.reroute(append([]byte(nil), ack...))
+}
+
+// reroute gives the ACK frames among frames, which cannot leave on this
+// connection, to its engine (async), or drops them.
+func (c *conn) reroute(frames []byte) {
+	acks := ackFrames(frames)
+	if len(acks) == 0 {
+		return
+	}
+	if c.engine != nil && c.engine.send(acks) {
+		return // counted by the engine
+	}
+	c.stats.acksDropped.Add(uint64(countFrames(acks)))
+}
+
+// rerouteOut reroutes the ACKs gathered for a peer that will not read them.
+func (c *conn) rerouteOut() {
+	if c.out != nil && len(c.out.b) > 0 {
+		c.reroute(c.out.b)
+		c.out.b = c.out.b[:0]
+	}
+}
