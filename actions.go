@@ -94,7 +94,7 @@ func (a ActionUnsetVar) writeTo(w *ActionWriter) error { return w.UnsetVar(a.Sco
 
 // ActionWriter appends actions straight into the ACK frame of one NOTIFY.
 // It is valid only while the handler that received it runs; builds with the
-// race detector turn any later use into a panic.
+// race detector turn any later call of its methods into a panic.
 //
 // Every method checks the variable name, the scope and the value, and that
 // the ACK still fits the negotiated max-frame-size. A refused action is not
@@ -133,7 +133,14 @@ func (w *ActionWriter) finish() []byte {
 func (w *ActionWriter) discardActions() { w.buf = w.buf[:w.actions] }
 
 // Err returns the first error met by the writer's methods, or nil.
-func (w *ActionWriter) Err() error { return w.err }
+func (w *ActionWriter) Err() error { w.check(); return w.err }
+
+// check panics when w is used after its handler returned (race builds).
+func (w *ActionWriter) check() {
+	if w.sealed {
+		panic("spoe: ActionWriter used after its handler returned")
+	}
+}
 
 // SetVar appends a set-var action with any value ActionSetVar accepts.
 func (w *ActionWriter) SetVar(scope VarScope, name string, value interface{}) error {
@@ -162,6 +169,7 @@ func (w *ActionWriter) SetInt(scope VarScope, name string, value int64) error {
 // variables as signed 64-bit integers, so values above math.MaxInt64 are
 // refused with ErrVarValue.
 func (w *ActionWriter) SetUint(scope VarScope, name string, value uint64) error {
+	w.check()
 	if value > math.MaxInt64 {
 		return w.refuse(errors.Wrapf(ErrVarValue, "%s.%s: %d above math.MaxInt64", scope, name, value))
 	}
@@ -219,6 +227,7 @@ func (w *ActionWriter) SetBinary(scope VarScope, name string, value []byte) erro
 // and an IPV6 value for any other (IPv4-mapped IPv6 addresses stay IPv6).
 // The zone, if any, is dropped. An invalid address is refused.
 func (w *ActionWriter) SetAddr(scope VarScope, name string, value netip.Addr) error {
+	w.check()
 	if !value.IsValid() {
 		return w.refuse(errors.Wrapf(ErrVarValue, "%s.%s: invalid netip.Addr", scope, name))
 	}
@@ -242,9 +251,7 @@ func (w *ActionWriter) UnsetVar(scope VarScope, name string) error {
 // begin checks the scope and name and appends the action's head: type,
 // NB-ARGS, scope and name. It returns where the action starts.
 func (w *ActionWriter) begin(action byte, scope VarScope, name string) (int, error) {
-	if w.sealed {
-		panic("spoe: ActionWriter used after its handler returned")
-	}
+	w.check()
 	if int(scope) >= len(scopeNames) {
 		return 0, w.refuse(errors.Wrapf(ErrVarScope, "%d for %q", scope, name))
 	}

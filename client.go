@@ -18,7 +18,9 @@ type ClientConfig struct {
 	// HAProxy's default.
 	MaxFrameSize int
 	// NoPipelining leaves "pipelining" out of the HELLO: the client then
-	// sends one NOTIFY at a time, as HAProxy does on a sync connection.
+	// sends one NOTIFY at a time, as HAProxy does on a sync connection. A
+	// Notify whose context ends while its NOTIFY is out returns at once,
+	// but the next NOTIFY waits for that one's ACK all the same.
 	NoPipelining bool
 	// Async adds "async" to the HELLO, as HAProxy 2.6 does.
 	Async bool
@@ -88,9 +90,10 @@ type Client struct {
 }
 
 type clientCall struct {
-	ack     chan struct{}
-	payload []byte
-	aborted bool
+	ack       chan struct{}
+	payload   []byte
+	aborted   bool
+	abandoned bool // given up on, keeping the turn (no pipelining): guarded by Client.mu
 }
 
 // Dial connects to the agent at address and completes the handshake.
@@ -224,7 +227,8 @@ func (c *Client) NotifyRaw(ctx context.Context, payload []byte) ([]byte, error) 
 	if c.sync != nil {
 		select {
 		case c.sync <- struct{}{}:
-			defer func() { <-c.sync }()
+			// The turn is given back when the ACK came, or the client
+			// stopped, by whoever sees it first: see abandon.
 		case <-ctx.Done():
 			return nil, ctx.Err()
 		case <-c.done:
@@ -235,6 +239,7 @@ func (c *Client) NotifyRaw(ctx context.Context, payload []byte) ([]byte, error) 
 	c.mu.Lock()
 	if c.err != nil {
 		c.mu.Unlock()
+		c.endTurn()
 		return nil, c.err
 	}
 	c.nextSID++
@@ -244,20 +249,50 @@ func (c *Client) NotifyRaw(ctx context.Context, payload []byte) ([]byte, error) 
 
 	if err := c.sendNotify(sid, payload); err != nil {
 		c.forget(sid)
+		c.endTurn()
 		return nil, err
 	}
 	select {
 	case <-call.ack:
+		c.endTurn()
 		if call.aborted {
 			return nil, ErrAborted
 		}
 		return call.payload, nil
 	case <-ctx.Done():
-		c.forget(sid)
+		if !c.abandon(sid) {
+			c.endTurn() // the ACK came meanwhile
+		}
 		return nil, ctx.Err()
 	case <-c.done:
+		c.endTurn()
 		return nil, c.stopErr()
 	}
+}
+
+// endTurn lets the next NOTIFY go, without pipelining.
+func (c *Client) endTurn() {
+	if c.sync != nil {
+		<-c.sync
+	}
+}
+
+// abandon gives up on the call of stream sid, whose NOTIFY is out. It
+// reports false if its ACK was taken meanwhile. Without pipelining, the
+// call keeps the turn: readLoop ends it when the ACK comes.
+func (c *Client) abandon(sid uint64) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	call := c.pending[sid]
+	if call == nil {
+		return false
+	}
+	if c.sync != nil {
+		call.abandoned = true
+	} else {
+		delete(c.pending, sid)
+	}
+	return true
 }
 
 func (c *Client) forget(sid uint64) {
@@ -327,6 +362,10 @@ func (c *Client) readLoop() {
 		c.mu.Unlock()
 		if call == nil {
 			continue // a call given up on, or an ACK for nothing: ignored
+		}
+		if call.abandoned {
+			c.endTurn()
+			continue
 		}
 		call.payload = append([]byte(nil), f.payload...)
 		call.aborted = f.abort()

@@ -118,8 +118,11 @@ func (h MessageHandler) ServeSPOE(w *ActionWriter, r *Request) error {
 }
 
 // Request is one NOTIFY frame being handled. The frame is checked whole
-// before the handler is called, and the places of its messages noted, so
-// that reading them lazily can neither fail nor walk the frame twice.
+// before the handler is called, so that reading it lazily cannot fail, and
+// the places of its first 16 messages are noted: iterating over them does
+// not walk the frame again. Later messages are found by stepping over the
+// one before, and MessageIterator.Arg steps over the arguments before the
+// one it returns.
 type Request struct {
 	parent   context.Context
 	ctx      context.Context
@@ -206,9 +209,11 @@ func skipName(b []byte, off int) (int, error) {
 }
 
 // Context returns the request's context. It is cancelled when the handler
-// returns, when the connection that must carry the ACK is gone (the frame's
-// own connection or, with the async capability, the last connection of its
-// HAProxy engine) and when the agent is closed.
+// returns, when the agent is closed, and when the ACK can no longer leave:
+// without the async capability, when the frame's connection closes; with
+// it, when its HAProxy engine goes away, 10 seconds after the engine's last
+// connection closed with none joining meanwhile (or at once when Shutdown
+// has closed every connection).
 func (r *Request) Context() context.Context {
 	r.check()
 	if r.ctx == nil {

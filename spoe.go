@@ -43,9 +43,34 @@
 // on average), each frame gets a goroutine of its own at once; a rare slow
 // call among quick ones is left to finish in its goroutine after 1 to 4 ms
 // while another goroutine goes on reading. Pipelined frames are so handled
-// concurrently. ACKs ready together leave in one write. With "async", an ACK whose connection closed leaves on
-// another connection of the same HAProxy engine (engine-id), never on
-// another engine's.
+// concurrently. ACKs ready together leave in one write. With "async", an
+// ACK whose connection closed leaves on another connection of the same
+// HAProxy engine (engine-id), never on another engine's.
+//
+// # Where a frame goes
+//
+// For readers of the code: a NOTIFY's way through the package, file by
+// file, and the goroutine that runs each step.
+//
+//	spoe.go     Serve resolves the Agent's fields once (config) and    Serve's
+//	            starts a goroutine per connection
+//	conn.go     serve: the handshake (hello.go), then loop: next       the connection's
+//	            frame, dispatch by type (UNSET: reassembly.go,         reading goroutine
+//	            DISCONNECT: disconnect.go), end
+//	reader.go   frameReader: pooled buffer, LENGTH checked first,      reading goroutine
+//	            header parsed (frame.go), read deadlines
+//	sched.go    handle: slots taken (limiter), handler run inline      reading goroutine, or
+//	            or dispatched; the rescue of a slow inline handler     one per frame
+//	notify.go   the Request indexed, the Handler called (a panic       the handler's
+//	            recovered), the simple API's messages decoded
+//	actions.go  ActionWriter appends the actions into the ACK          the handler's
+//	writer.go   the ACKs of one read leave in one write before the     the first writer; the
+//	            next blocking read; concurrent writes are combined     others' join its next
+//	engine.go   async: an ACK whose connection is gone goes to         the engine's pump
+//	            another connection of its engine
+//
+// The Client (client.go) reads with the same frameReader and builds its
+// frames with the same builders.
 //
 // # Errors seen by HAProxy
 //
@@ -113,8 +138,9 @@ type Agent struct {
 
 	// ReadTimeout bounds the time from accepting a connection to a complete
 	// HAPROXY-HELLO, and from the first byte of a frame to its last. On
-	// expiry the agent sends AGENT-DISCONNECT "a timeout occurred" and
-	// closes. Zero means DefaultReadTimeout.
+	// expiry after the handshake the agent sends AGENT-DISCONNECT "a timeout
+	// occurred" and closes; during the handshake it just closes. Zero means
+	// DefaultReadTimeout.
 	ReadTimeout time.Duration
 
 	// IdleTimeout bounds the time a connection may wait for its next frame
@@ -447,9 +473,12 @@ func (a *Agent) closeListeners() ([]*conn, error) {
 
 // Shutdown stops the agent gracefully: it closes the listeners, lets the
 // handlers that are running finish and their ACKs go out, then sends
-// AGENT-DISCONNECT "normal" on every connection and closes it. Frames that
-// HAProxy sent but the agent had not read yet are not handled: HAProxy
-// sees them fail as the connection closes.
+// AGENT-DISCONNECT "normal" on every connection and closes it. The frames
+// HAProxy sent before it could learn of the shutdown are handled if they
+// are whole in the agent's read buffer or, on unix, in the socket's receive
+// buffer by then; the others (a frame not whole yet, or on other systems
+// any frame not read yet) are not: HAProxy sees them fail as the
+// connection closes.
 //
 // It returns nil once every connection is closed, or ctx.Err() if ctx ends
 // first; Close then ends what is left. Serve returns ErrAgentClosed at once.
