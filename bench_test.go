@@ -2,11 +2,16 @@ package spoe
 
 import (
 	"encoding/binary"
+	"fmt"
 	"io"
 	"net"
+	"sort"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/sirupsen/logrus"
 	"github.com/stretchr/testify/require"
@@ -72,7 +77,13 @@ func newLoadPeer(t testing.TB, a *Agent, msg ClientMessage, inflight int) *loadP
 	quiet := logrus.New()
 	quiet.SetOutput(io.Discard)
 	a.Logger = quiet
-	p := &loadPeer{nc: dialRaw(t, startAgent(t, a)).nc, rbuf: make([]byte, 1<<16)}
+	return dialLoadPeer(t, startAgent(t, a), msg, inflight)
+}
+
+// dialLoadPeer connects a loadPeer to the agent at addr.
+func dialLoadPeer(t testing.TB, addr string, msg ClientMessage, inflight int) *loadPeer {
+	t.Helper()
+	p := &loadPeer{nc: dialRaw(t, addr).nc, rbuf: make([]byte, 1<<16)}
 	hello := rawFrame(frameHAProxyHello, flagFin, 0, 0, helloPayload(
 		"supported-versions", "2.0", "max-frame-size", uint32(16380), "capabilities", "pipelining", "engine-id", "bench"))
 	_, err := p.nc.Write(hello)
@@ -152,4 +163,147 @@ func (p *loadPeer) roundTripN(n int) error {
 		}
 	}
 	return nil
+}
+
+// Mixed workload: most requests are answered at once, one in slowEvery
+// blocks its handler for slowFor. The figures are the fast requests'
+// latencies, from the NOTIFY's write to its ACK's read, beside those of the
+// same load without slow handlers (slow=none). A slow handler must not hold
+// up the fast frames read after it, on its connection or any other.
+const slowFor = 20 * time.Millisecond
+
+// mixedFast and mixedSimple answer "slow" after slowFor and the rest as
+// fastHandler and simpleHandler do.
+var (
+	mixedFast = HandlerFunc(func(w *ActionWriter, r *Request) error {
+		if _, slow := r.Message("slow"); slow {
+			time.Sleep(slowFor)
+		}
+		return fastHandler(w, r)
+	})
+	mixedSimple = MessageHandler(func(messages []Message) ([]Action, error) {
+		for _, m := range messages {
+			if m.Name == "slow" {
+				time.Sleep(slowFor)
+			}
+		}
+		return simpleHandler(messages)
+	})
+)
+
+// BenchmarkMixed reports the fast requests' p50, p99 and p99.9 latencies
+// with 4 connections of 32 NOTIFYs in flight and 64 of 1, closed loop, for
+// both APIs, with no slow request and with 1%, 0.1% and 0.01% of them
+// slow. One op is one request; run with enough of them for the rare mixes,
+// e.g. -benchtime=100000x.
+func BenchmarkMixed(b *testing.B) {
+	for _, api := range []struct {
+		name    string
+		handler Handler
+	}{{"fast", mixedFast}, {"simple", mixedSimple}} {
+		for _, shape := range [][2]int{{4, 32}, {64, 1}} {
+			for _, mix := range []struct {
+				name      string
+				slowEvery int
+			}{{"none", 0}, {"1%", 100}, {"0.1%", 1000}, {"0.01%", 10000}} {
+				name := fmt.Sprintf("%s/%dx%d/slow=%s", api.name, shape[0], shape[1], mix.name)
+				b.Run(name, func(b *testing.B) {
+					runMixed(b, api.handler, shape[0], shape[1], mix.slowEvery)
+				})
+			}
+		}
+	}
+}
+
+func runMixed(b *testing.B, h Handler, conns, inflight, slowEvery int) {
+	quiet := logrus.New()
+	quiet.SetOutput(io.Discard)
+	addr := startAgent(b, &Agent{Handler: h, Logger: quiet})
+	fast, err := appendMessages(nil, []ClientMessage{ipRepMessage})
+	require.NoError(b, err)
+	slow, err := appendMessages(nil, []ClientMessage{{Name: "slow"}})
+	require.NoError(b, err)
+	peers := make([]*loadPeer, conns)
+	for i := range peers {
+		peers[i] = dialLoadPeer(b, addr, ipRepMessage, 0)
+	}
+	var issued atomic.Int64 // requests sent, over all connections
+	total := int64(b.N)
+	lats := make([][]time.Duration, conns)
+	errs := make(chan error, conns)
+	b.ResetTimer()
+	var wg sync.WaitGroup
+	for i, p := range peers {
+		wg.Add(1)
+		go func(i int, p *loadPeer) {
+			defer wg.Done()
+			const ring = 1 << 12 // stream-ids in flight at most: inflight + slow ones
+			sent := make([]time.Time, ring)
+			isSlow := make([]bool, ring)
+			var buf []byte
+			var sid uint64
+			outstanding := 0
+			send := func() error {
+				n := issued.Add(1)
+				if n > total {
+					return nil
+				}
+				sid++
+				s := slowEvery > 0 && n%int64(slowEvery) == 0
+				payload := fast
+				if s {
+					payload = slow
+				}
+				buf = appendFrame(buf[:0], frameNotify, flagFin, sid, 1, payload)
+				sent[sid%ring], isSlow[sid%ring] = time.Now(), s
+				outstanding++
+				_, err := p.nc.Write(buf)
+				return err
+			}
+			for j := 0; j < inflight; j++ {
+				if err := send(); err != nil {
+					errs <- err
+					return
+				}
+			}
+			lat := make([]time.Duration, 0, 2*b.N/conns+inflight)
+			for outstanding > 0 {
+				f, err := p.next()
+				if err != nil {
+					errs <- err
+					return
+				}
+				d := time.Since(sent[f.streamID%ring])
+				outstanding--
+				if !isSlow[f.streamID%ring] {
+					lat = append(lat, d)
+				}
+				if err := send(); err != nil {
+					errs <- err
+					return
+				}
+			}
+			lats[i] = lat
+		}(i, p)
+	}
+	wg.Wait()
+	b.StopTimer()
+	close(errs)
+	for err := range errs {
+		b.Fatal(err)
+	}
+	var all []time.Duration
+	for _, l := range lats {
+		all = append(all, l...)
+	}
+	if len(all) < 1000 {
+		return // too few for percentiles (the first, calibrating run)
+	}
+	sort.Slice(all, func(i, j int) bool { return all[i] < all[j] })
+	at := func(q float64) float64 {
+		return float64(all[int(q*float64(len(all)-1))]) / float64(time.Microsecond)
+	}
+	b.ReportMetric(at(0.50), "p50-µs")
+	b.ReportMetric(at(0.99), "p99-µs")
+	b.ReportMetric(at(0.999), "p99.9-µs")
 }
