@@ -405,10 +405,6 @@ func (c *conn) linger() {
 	}
 }
 
-// startDrain asks the connection to end once its running handlers are done
-// (Shutdown): a reader blocked on an idle connection wakes at once.
-func (c *conn) startDrain() { c.rd.stop() }
-
 // abort closes the connection at once (Close).
 func (c *conn) abort() {
 	c.rd.stop()

@@ -164,8 +164,6 @@ type exchange struct {
 
 var exchangePool = sync.Pool{New: func() interface{} { return new(exchange) }}
 
-func getExchange() *exchange { return exchangePool.Get().(*exchange) }
-
 func putExchange(ex *exchange) {
 	if poisonViews {
 		return // a fresh one each time, so that a kept view stays sealed
@@ -228,7 +226,7 @@ const (
 func (c *conn) handle(streamID, frameID uint64, payload []byte) error {
 	ex := c.ex
 	if ex == nil {
-		ex = getExchange()
+		ex = exchangePool.Get().(*exchange)
 		c.ex = ex
 	}
 	if err := ex.req.indexMessages(payload); err != nil {

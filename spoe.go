@@ -485,7 +485,7 @@ func (a *Agent) closeListeners() ([]*conn, error) {
 func (a *Agent) Shutdown(ctx context.Context) error {
 	conns, lerr := a.closeListeners()
 	for _, c := range conns {
-		c.startDrain()
+		c.rd.stop() // each ends once its running handlers are done
 	}
 	done := make(chan struct{})
 	go func() {
