@@ -32,9 +32,10 @@ import (
 
 const (
 	// inlineBudget is the period of the rescue timer: a handler found
-	// running inline at two firings in a row is rescued. Go's timers are
-	// coarse (about a millisecond when the process is idle), so in
-	// practice a handler is rescued after 1 to 4 ms.
+	// running inline at two firings in a row, or at the first firing after
+	// the timer was armed for it, is rescued. Go's timers are coarse
+	// (about a millisecond when the process is idle), so in practice a
+	// handler is rescued after 1 to 4 ms.
 	inlineBudget = 50 * time.Microsecond
 
 	// dispatchThreshold: when the moving average of handler durations
@@ -188,9 +189,10 @@ func putExchange(ex *exchange) {
 //     role's fields until it clears stateInline by CompareAndSwap.
 //  3. The timer's goroutine (rescue) may take the role only by
 //     CompareAndSwap from seq|stateInline to seq|stateInline|stateRescuing,
-//     and only when its previous firing saw the same seq: the same
-//     handler has run for at least inlineBudget. A firing that finds
-//     stateRescuing set does nothing: there is never a second rescuer.
+//     and only when its previous firing, or the arming of the timer, saw
+//     the same seq: the same handler has run for at least inlineBudget. A
+//     firing that finds stateRescuing set does nothing: there is never a
+//     second rescuer.
 //  4. The rescuer leaves the read buffer (and the reassembly buffer and
 //     exchange) that the handler's frame is in to the handler's goroutine,
 //     and goes on with the unread bytes in a fresh buffer; then it stores
@@ -256,14 +258,17 @@ func (c *conn) handle(streamID, frameID uint64, payload []byte) error {
 	if w.timer == nil {
 		w.timer = time.AfterFunc(math.MaxInt64, c.rescue)
 	}
+	inline := (w.state.Load() + stateSeq) | stateInline
 	if !w.armed.Load() {
+		// Arming counts as the timer's first sight of this handler: if
+		// it still runs at the first firing, it is rescued then.
+		w.lastSeen.Store(inline)
 		w.armed.Store(true)
 		w.timer.Reset(inlineBudget)
 	}
 	in := c.rd.in
 	// Invariant 2: from here until the CompareAndSwap succeeds, touch no
 	// field of the reading role.
-	inline := (w.state.Load() + stateSeq) | stateInline
 	w.state.Store(inline)
 	ack := c.run(ex, sampled)
 	if poisonViews {
@@ -375,7 +380,7 @@ func (c *conn) rearm() {
 
 // rescue runs in the timer's goroutine every inlineBudget while inline
 // handlers run, and takes the reading role over from a handler it finds
-// running at two firings in a row (invariants 3 and 4). No clock is read.
+// running at two sights in a row (invariants 3 and 4). No clock is read.
 func (c *conn) rescue() {
 	w := &c.watch
 	if !w.armed.Load() {
