@@ -158,31 +158,22 @@ func (c *Client) hello() error {
 	if f.typ != frameAgentHello {
 		return errors.Errorf("spoe: %s instead of AGENT-HELLO", f.typ)
 	}
-	for off := 0; off < len(f.payload); {
-		e, next, err := readKV(f.payload, off)
-		if err != nil {
-			return err
-		}
-		off = next
-		switch string(e.key) {
-		case "version":
-			if s, ok := stringValue(e.value); !ok || !supportsVersion20(s) {
-				return errors.Errorf("spoe: agent version %q", s)
-			}
-		case "max-frame-size":
-			n, ok := e.value.Uint()
-			if !ok || n < MinFrameSize || n > uint64(c.cfg.MaxFrameSize) {
-				return errors.Errorf("spoe: agent max-frame-size %d", n)
-			}
-			c.maxFrame = int(n)
-		case "capabilities":
-			s, _ := stringValue(e.value)
-			c.caps = parseCapabilities(s) & (caps | capFragmentation)
-		}
+	h, err := parseAgentHello(f.payload)
+	if err != nil {
+		return err
 	}
-	if c.maxFrame == 0 {
+	if h.version != nil && !supportsVersion20(h.version) {
+		return errors.Errorf("spoe: agent version %q", h.version)
+	}
+	switch {
+	case !h.hasFrameSize:
 		c.maxFrame = c.cfg.MaxFrameSize
+	case h.maxFrameSize < MinFrameSize || h.maxFrameSize > uint64(c.cfg.MaxFrameSize):
+		return errors.Errorf("spoe: agent max-frame-size %d", h.maxFrameSize)
+	default:
+		c.maxFrame = int(h.maxFrameSize)
 	}
+	c.caps = h.caps & (caps | capFragmentation)
 	c.rd.maxFrame = c.maxFrame
 	return nil
 }

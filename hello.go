@@ -198,3 +198,43 @@ func appendHello(b []byte, typ frameType, maxFrameSize int, caps capabilities, e
 	finishFrame(b, start)
 	return b
 }
+
+// agentHello is what an AGENT-HELLO says: the Client's side of the
+// handshake. Zero values stand for keys not sent.
+type agentHello struct {
+	version      []byte // nil if absent
+	maxFrameSize uint64
+	hasFrameSize bool
+	caps         capabilities
+}
+
+// parseAgentHello reads an AGENT-HELLO payload. Unknown keys are skipped;
+// the caller checks the values against what it offered.
+func parseAgentHello(payload []byte) (agentHello, error) {
+	var h agentHello
+	for off := 0; off < len(payload); {
+		e, next, err := readKV(payload, off)
+		if err != nil {
+			return agentHello{}, err
+		}
+		off = next
+		switch string(e.key) {
+		case "version":
+			s, ok := stringValue(e.value)
+			if !ok {
+				return agentHello{}, errBadKVType
+			}
+			h.version = s
+		case "max-frame-size":
+			n, ok := e.value.Uint()
+			if !ok {
+				return agentHello{}, errBadKVType
+			}
+			h.maxFrameSize, h.hasFrameSize = n, true
+		case "capabilities":
+			s, _ := stringValue(e.value)
+			h.caps = parseCapabilities(s)
+		}
+	}
+	return h, nil
+}
