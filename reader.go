@@ -186,7 +186,7 @@ func (rd *frameReader) plainRead() (int, error) {
 	return rd.src.Read(rd.in.b[rd.w:])
 }
 
-// release gives the buffer back; nothing may be unread in it.
+// release gives the buffer back, dropping what is unread in it.
 func (rd *frameReader) release() {
 	if rd.in != nil {
 		putBuffer(rd.in)
