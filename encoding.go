@@ -36,6 +36,7 @@ package spoe
 
 import (
 	"encoding/binary"
+	"net"
 	"net/netip"
 
 	"github.com/pkg/errors"
@@ -219,6 +220,30 @@ func (v Value) Bytes() ([]byte, bool) {
 // Equal reports whether the value is a STRING or BINARY holding exactly s.
 func (v Value) Equal(s string) bool {
 	return (v.typ == TypeString || v.typ == TypeBinary) && string(v.data) == s
+}
+
+// Interface returns the value as the Go value the simple API uses (see
+// Message), copying what the frame holds.
+func (v Value) Interface() interface{} {
+	switch v.typ {
+	case TypeBool:
+		return v.num != 0
+	case TypeInt32:
+		return int32(v.num)
+	case TypeUint32:
+		return uint32(v.num)
+	case TypeInt64:
+		return int64(v.num)
+	case TypeUint64:
+		return v.num
+	case TypeIPv4, TypeIPv6:
+		return net.IP(append([]byte(nil), v.data...))
+	case TypeString:
+		return string(v.data)
+	case TypeBinary:
+		return append([]byte{}, v.data...)
+	}
+	return nil
 }
 
 // readValue decodes the typed value at b[off:].

@@ -476,27 +476,3 @@ func serveNotify(cfg *config, st *stats, w *ActionWriter, r *Request) {
 			WithField("refused", w.refused).WithError(w.err).Error("spoe: actions left out of the ACK")
 	}
 }
-
-// Interface returns the value as the Go value the simple API uses (see
-// Message), copying what the frame holds.
-func (v Value) Interface() interface{} {
-	switch v.typ {
-	case TypeBool:
-		return v.num != 0
-	case TypeInt32:
-		return int32(v.num)
-	case TypeUint32:
-		return uint32(v.num)
-	case TypeInt64:
-		return int64(v.num)
-	case TypeUint64:
-		return v.num
-	case TypeIPv4, TypeIPv6:
-		return net.IP(append([]byte(nil), v.data...))
-	case TypeString:
-		return string(v.data)
-	case TypeBinary:
-		return append([]byte{}, v.data...)
-	}
-	return nil
-}

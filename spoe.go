@@ -281,34 +281,6 @@ func (a *Agent) logger() logrus.FieldLogger {
 	return a.Logger
 }
 
-// config is the Agent's configuration resolved once, when Serve starts:
-// connections read it, never the Agent's fields.
-type config struct {
-	handler      Handler
-	logger       logrus.FieldLogger
-	maxFrameSize int
-	maxPerConn   int64
-	readTimeout  time.Duration
-	idleTimeout  time.Duration
-	writeTimeout time.Duration
-	errorVar     string // "" for none
-	prefixLen    int    // of VarPrefix, to check variable names
-}
-
-func (a *Agent) config() *config {
-	return &config{
-		handler:      a.handler(),
-		logger:       a.logger(),
-		maxFrameSize: a.maxFrameSize(),
-		maxPerConn:   a.maxInFlightPerConn(),
-		readTimeout:  a.readTimeout(),
-		idleTimeout:  a.IdleTimeout,
-		writeTimeout: a.writeTimeout(),
-		errorVar:     a.errorVar(),
-		prefixLen:    len(a.VarPrefix),
-	}
-}
-
 // ListenAndServe listens on the TCP address addr and serves SPOP on it. It
 // always returns a non-nil error: ErrAgentClosed after Shutdown or Close.
 func (a *Agent) ListenAndServe(addr string) error {
