@@ -19,11 +19,8 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net"
 	"os"
-	"os/signal"
 	"runtime/pprof"
-	"syscall"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -130,19 +127,9 @@ func main() {
 		defer pprof.StopCPUProfile()
 	}
 
-	l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", *port))
-	if err != nil {
+	if err := agent.Run(context.Background(), fmt.Sprintf("127.0.0.1:%d", *port), time.Second); err != nil {
 		fmt.Fprintln(os.Stderr, "bench-agent:", err)
+		pprof.StopCPUProfile()
 		os.Exit(1)
-	}
-	go func() { _ = agent.Serve(l) }()
-
-	sig := make(chan os.Signal, 1)
-	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
-	<-sig
-	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-	defer cancel()
-	if agent.Shutdown(ctx) != nil {
-		_ = agent.Close()
 	}
 }

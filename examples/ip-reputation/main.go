@@ -10,50 +10,26 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"log"
 	"net"
-	"os"
-	"os/signal"
-	"syscall"
 	"time"
 
 	"github.com/spoe-go/spoe"
 )
 
 func main() {
-	addr := flag.String("addr", ":9000", "address to listen on for HAProxy's SPOE connections")
+	addr := flag.String("addr", ":9000", "`address` to serve HAProxy's SPOE connections on: host:port, or unix:///path/to/agent.sock")
 	shutdownTimeout := flag.Duration("shutdown-timeout", 10*time.Second, "how long to let running requests finish on SIGINT/SIGTERM")
 	flag.Parse()
 
 	agent := spoe.New(handleMessages)
-
-	served := make(chan error, 1)
-	go func() { served <- agent.ListenAndServe(*addr) }()
-	log.Printf("ip-reputation agent listening on %s", *addr)
-
-	stop, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer cancel()
-	select {
-	case err := <-served:
-		// Serve only returns early on a listen or accept error.
+	// Serve until SIGINT or SIGTERM, then stop accepting, let the handlers
+	// that are running finish and their answers reach HAProxy, and close;
+	// past the timeout, close at once.
+	if err := agent.Run(context.Background(), *addr, *shutdownTimeout); err != nil {
 		log.Fatal(err)
-	case <-stop.Done():
-	}
-
-	// Stop accepting, let the handlers that are running finish and their
-	// answers reach HAProxy, then close. Past the timeout, close at once.
-	log.Printf("shutting down")
-	ctx, cancelShutdown := context.WithTimeout(context.Background(), *shutdownTimeout)
-	defer cancelShutdown()
-	if err := agent.Shutdown(ctx); err != nil {
-		log.Printf("graceful shutdown: %v; closing the remaining connections", err)
-		agent.Close()
-	}
-	if err := <-served; !errors.Is(err, spoe.ErrAgentClosed) {
-		log.Printf("serve: %v", err)
 	}
 }
 
