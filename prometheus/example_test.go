@@ -1,0 +1,31 @@
+package spoeprom_test
+
+import (
+	"fmt"
+	"strings"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/spoe-go/spoe"
+	spoeprom "github.com/spoe-go/spoe/prometheus"
+)
+
+// The collector is registered once per agent; promhttp.Handler() then
+// serves the metrics:
+//
+//	http.Handle("/metrics", promhttp.Handler())
+//	go http.ListenAndServe(":9100", nil)
+func ExampleNewCollector() {
+	agent := spoe.New(func([]spoe.Message) ([]spoe.Action, error) { return nil, nil })
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(spoeprom.NewCollector(agent, spoeprom.WithConstLabels(prometheus.Labels{"agent": "ip-reputation"})))
+
+	err := testutil.GatherAndCompare(reg, strings.NewReader(`
+# HELP spoe_connections_open SPOP connections open now.
+# TYPE spoe_connections_open gauge
+spoe_connections_open{agent="ip-reputation"} 0
+`), "spoe_connections_open")
+	fmt.Println(err)
+	// Output: <nil>
+}
