@@ -18,6 +18,7 @@ import (
 	"net"
 	"net/http"
 	"path/filepath"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -129,7 +130,8 @@ func TestE2ETLS(t *testing.T) {
 	forEachHAProxy(t, func(t *testing.T, hp haproxyBinary) {
 		caFile := filepath.Join(t.TempDir(), "ca.pem")
 		writeFile(t, caFile, string(ca.pem))
-		serverOptions := "ssl verify required ca-file " + caFile + " verifyhost spoe-agent.test"
+		// The health check (option spop-check) goes over TLS too.
+		serverOptions := "ssl verify required ca-file " + caFile + " verifyhost spoe-agent.test check inter 100ms rise 1 fall 1"
 
 		t.Run("verified", func(t *testing.T) {
 			tcp, err := net.Listen("tcp", "127.0.0.1:0")
@@ -148,11 +150,16 @@ func TestE2ETLS(t *testing.T) {
 			notifies := runAgent(t, tls.NewListener(tcp, cfg))
 			h := startHAProxy(t, hp, haproxySetup{
 				AgentAddr:       tcp.Addr().String(),
+				AgentBackend:    "option spop-check",
 				ServerOptions:   serverOptions,
 				AgentDirectives: "messages check",
 				SpoeSections:    scoreSections,
 				Frontend:        scoreFrontend,
 			})
+			waitFor(t, 10*time.Second, func() bool {
+				row := h.serverStat(t, "spoe-agents", "agent1")
+				return strings.HasPrefix(row["check_status"], "L7OK") && row["status"] == "UP"
+			}, "the SPOP health check over TLS to pass")
 			c := newClient(t, false)
 			for i := 0; i < 3; i++ {
 				res := get(t, c, h.url+"/")
@@ -176,11 +183,15 @@ func TestE2ETLS(t *testing.T) {
 			notifies := runAgent(t, tls.NewListener(tcp, cfg))
 			h := startHAProxy(t, hp, haproxySetup{
 				AgentAddr:       tcp.Addr().String(),
+				AgentBackend:    "option spop-check",
 				ServerOptions:   serverOptions,
 				AgentDirectives: "messages check",
 				SpoeSections:    scoreSections,
 				Frontend:        scoreFrontend,
 			})
+			waitFor(t, 10*time.Second, func() bool {
+				return h.serverStat(t, "spoe-agents", "agent1")["status"] == "DOWN"
+			}, "the health check to fail on the untrusted certificate")
 			res := get(t, newClient(t, false), h.url+"/")
 			expectHeader(t, res, "x-score", "")
 			if res.header.Get("x-spoe-error") == "" {

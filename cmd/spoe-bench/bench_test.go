@@ -159,3 +159,18 @@ func TestFlags(t *testing.T) {
 		}
 	}
 }
+
+// CPU per request is a ratio of rates: a late sample changes the interval,
+// not the result.
+func TestPerRequest(t *testing.T) {
+	w, _ := newWorkload("ip-rep")
+	r := &report{cfg: &config{workload: w, duration: 10 * time.Second}, measured: 12 * time.Second}
+	r.res.requests = 1000000 // 100,000 req/s
+	// 1.2 s of CPU over 12 s is 0.1 CPU; at 100,000 req/s, 1 µs each.
+	if got := r.perRequest(1200 * time.Millisecond); got < 0.999 || got > 1.001 {
+		t.Errorf("perRequest = %v µs, want 1", got)
+	}
+	if r.rps() != 100000 {
+		t.Errorf("rps = %v, want 100000", r.rps())
+	}
+}

@@ -162,13 +162,19 @@ func run(cfg *config, agentPID int) (*report, error) {
 	return rep, nil
 }
 
-func (r *report) rps() float64 { return float64(r.res.requests) / r.measured.Seconds() }
+// rps is the rate of answered requests: those whose ACK came inside the
+// measurement window, over its length.
+func (r *report) rps() float64 { return float64(r.res.requests) / r.cfg.duration.Seconds() }
 
-func perRequest(d time.Duration, n uint64) float64 {
-	if n == 0 {
+// perRequest is the CPU time d, spent over the sampling interval, per
+// request in microseconds. The CPU times are sampled by a goroutine that
+// may wake late on a busy CPU, so both are taken as rates: CPU seconds per
+// second of the sampling interval, over requests per second of the window.
+func (r *report) perRequest(d time.Duration) float64 {
+	if r.res.requests == 0 || r.measured <= 0 {
 		return 0
 	}
-	return float64(d.Microseconds()) / float64(n)
+	return d.Seconds() / r.measured.Seconds() / r.rps() * 1e6
 }
 
 func us(d time.Duration) string { return fmt.Sprintf("%.1f", float64(d)/1e3) }
@@ -204,13 +210,13 @@ func (r *report) print(w io.Writer) {
 		fmt.Fprintf(w, "errors     %s; first: %s\n", strings.Join(errs, ", "), res.firstErr)
 	}
 	fmt.Fprintf(w, "bench CPU  %.2f µs/request (user %v, sys %v)\n",
-		perRequest(r.self.user+r.self.sys, res.requests), r.self.user, r.self.sys)
+		r.perRequest(r.self.user+r.self.sys), r.self.user, r.self.sys)
 	agentCPU := "-"
 	if r.hasAgent {
 		if r.agentErr != nil {
 			fmt.Fprintf(w, "agent CPU  unknown: %v\n", r.agentErr)
 		} else {
-			agentCPU = fmt.Sprintf("%.3f", perRequest(r.agent.user+r.agent.sys, res.requests))
+			agentCPU = fmt.Sprintf("%.3f", r.perRequest(r.agent.user+r.agent.sys))
 			fmt.Fprintf(w, "agent CPU  %s µs/request (user %v, sys %v over %v)\n",
 				agentCPU, r.agent.user, r.agent.sys, r.measured.Round(time.Millisecond))
 		}

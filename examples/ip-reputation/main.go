@@ -1,8 +1,8 @@
 // Command ip-reputation is an SPOE agent for HAProxy: for every HTTP request
 // HAProxy sends it the client's address (the "ip-rep" message of spoe.conf),
-// and the agent answers with a reputation score that HAProxy stores in the
-// session variable sess.iprep.reputation, for its rules to use (see
-// haproxy.cfg).
+// and the agent answers with a reputation score, from 0 to 1000, that
+// HAProxy stores in the session variable sess.iprep.reputation, for its
+// rules to use (see haproxy.cfg).
 //
 //	go run . -addr :9000
 //	haproxy -f haproxy.cfg          # from this folder: spoe.conf is a relative path
@@ -13,6 +13,7 @@ import (
 	"flag"
 	"fmt"
 	"log"
+	"math"
 	"net"
 	"time"
 
@@ -50,11 +51,13 @@ func handleMessages(messages []spoe.Message) ([]spoe.Action, error) {
 			return nil, fmt.Errorf("spoe handler: error processing request: %s", err)
 		}
 	}
-	// SPOP has no floating-point type: the score reaches HAProxy as the
-	// string "0.75". A returned error makes the agent set txn.iprep.error
-	// instead (see haproxy.cfg).
+	// HAProxy has no decimal numbers (a float64 would reach it as the
+	// string "0.75", which its rules can only match as text): the score
+	// travels as an integer in thousandths, 750, that haproxy.cfg compares
+	// with "-m int". A returned error makes the agent set txn.iprep.error
+	// instead.
 	return []spoe.Action{
-		spoe.ActionSetVar{Name: "reputation", Scope: spoe.VarScopeSession, Value: reputation},
+		spoe.ActionSetVar{Name: "reputation", Scope: spoe.VarScopeSession, Value: int64(math.Round(reputation * 1000))},
 	}, nil
 }
 
