@@ -48,8 +48,7 @@ func ExampleAgent_Run() {
 	// socket removed: true
 }
 
-// Listen takes the addresses users write, HAProxy's spellings included;
-// ListenConfig sets the mode of a unix socket.
+// Listen takes the addresses users write, HAProxy's spellings included.
 func ExampleListen() {
 	dir, err := os.MkdirTemp("", "spoe")
 	if err != nil {
@@ -58,26 +57,77 @@ func ExampleListen() {
 	defer os.RemoveAll(dir)
 	for _, addr := range []string{
 		"tcp://127.0.0.1:0",
+		"ipv4@127.0.0.1:0",
 		"unix@" + filepath.Join(dir, "a.sock"),
+		"unix://" + filepath.Join(dir, "b.sock"),
 	} {
 		l, err := spoe.Listen(addr)
 		if err != nil {
 			log.Fatal(err)
 		}
 		fmt.Println(l.Addr().Network())
-		l.Close()
+		l.Close() // removes a unix socket file
 	}
-	l, err := spoe.ListenConfig{SocketMode: 0o666}.Listen("unix://" + filepath.Join(dir, "b.sock"))
+	// Output:
+	// tcp
+	// tcp
+	// unix
+	// unix
+}
+
+// ListenConfig sets the permission of a unix socket file: HAProxy needs
+// to write to it.
+func ExampleListenConfig_Listen() {
+	dir, err := os.MkdirTemp("", "spoe")
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	sock := filepath.Join(dir, "agent.sock")
+	l, err := spoe.ListenConfig{SocketMode: 0o666}.Listen("unix://" + sock)
 	if err != nil {
 		log.Fatal(err)
 	}
 	defer l.Close()
-	fi, _ := os.Stat(filepath.Join(dir, "b.sock"))
-	fmt.Println(fi.Mode().Perm())
+	fi, err := os.Stat(sock)
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println(fi.Mode())
 	// Output:
-	// tcp
-	// unix
-	// -rw-rw-rw-
+	// Srw-rw-rw-
+}
+
+// RunListener is Run on a listener of the caller's: here a unix socket
+// only its owner may use; tls.NewListener(l, config) serves over TLS the
+// same way.
+func ExampleAgent_RunListener() {
+	agent := spoe.New(func([]spoe.Message) ([]spoe.Action, error) {
+		return []spoe.Action{spoe.ActionSetVar{Name: "ok", Scope: spoe.VarScopeTransaction, Value: true}}, nil
+	})
+	agent.Logger = quietLogger()
+	dir, err := os.MkdirTemp("", "spoe")
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	sock := filepath.Join(dir, "agent.sock")
+	l, err := spoe.ListenConfig{SocketMode: 0o600}.Listen("unix://" + sock)
+	if err != nil {
+		log.Fatal(err)
+	}
+
+	ctx, cancel := context.WithCancel(context.Background())
+	ran := make(chan error, 1)
+	go func() { ran <- agent.RunListener(ctx, l, time.Second) }()
+	client := dialUntilUp("unix", sock)
+	defer client.Close()
+	fmt.Println(client.Notify(context.Background(), spoe.ClientMessage{Name: "any"}))
+	cancel()
+	fmt.Println("RunListener:", <-ran)
+	// Output:
+	// [{ok txn true}] <nil>
+	// RunListener: <nil>
 }
 
 func quietLogger() *logrus.Logger {
