@@ -29,3 +29,18 @@ spoe_connections_open{agent="ip-reputation"} 0
 	fmt.Println(err)
 	// Output: <nil>
 }
+
+// WithNamespace renames the metrics; WithConstLabels tells the agents of
+// one process apart.
+func ExampleWithNamespace() {
+	reg := prometheus.NewRegistry()
+	for _, name := range []string{"ip-reputation", "bot-score"} {
+		agent := spoe.New(func([]spoe.Message) ([]spoe.Action, error) { return nil, nil })
+		reg.MustRegister(spoeprom.NewCollector(agent,
+			spoeprom.WithNamespace("edge_spoe"),
+			spoeprom.WithConstLabels(prometheus.Labels{"agent": name})))
+	}
+	n, err := testutil.GatherAndCount(reg, "edge_spoe_connections_total")
+	fmt.Println(n, err)
+	// Output: 2 <nil>
+}
