@@ -174,3 +174,28 @@ func TestPerRequest(t *testing.T) {
 		t.Errorf("rps = %v, want 100000", r.rps())
 	}
 }
+
+// -addr unix:PATH drives an agent on a unix socket.
+func TestRunUnixSocket(t *testing.T) {
+	path := t.TempDir() + "/agent.sock"
+	l, err := spoe.Listen("unix://" + path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	log := logrus.New()
+	log.SetOutput(&bytes.Buffer{})
+	agent := &spoe.Agent{Handler: contractHandler(100), Logger: log}
+	served := make(chan error, 1)
+	go func() { served <- agent.Serve(l) }()
+	defer func() {
+		agent.Close()
+		<-served
+	}()
+	rep, err := run(shortConfig("unix:"+path, "heavy"), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.errors() != 0 || rep.res.requests == 0 {
+		t.Fatalf("%d requests, errors %v: %s", rep.res.requests, rep.res.errors, rep.res.firstErr)
+	}
+}
