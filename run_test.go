@@ -210,17 +210,14 @@ func TestRunListenError(t *testing.T) {
 	}
 }
 
-// A handler that outlives the shutdown timeout: Run closes its connection
-// and says so.
+// A handler that outlives the shutdown timeout: Run closes its connection,
+// cancels its context and says so.
 func TestRunShutdownTimeout(t *testing.T) {
-	started, release := make(chan struct{}), make(chan struct{})
+	started, release := make(chan context.Context, 1), make(chan struct{})
 	defer close(release)
 	agent := quietAgent(HandlerFunc(func(w *ActionWriter, r *Request) error {
-		close(started)
-		select {
-		case <-release:
-		case <-r.Context().Done():
-		}
+		started <- r.Context()
+		<-release // deaf to its context: only the test ends it
 		return nil
 	}))
 	l, err := net.Listen("tcp", "127.0.0.1:0")
@@ -237,11 +234,16 @@ func TestRunShutdownTimeout(t *testing.T) {
 		_, err := c.Notify(context.Background(), ClientMessage{Name: "m"})
 		notified <- err
 	}()
-	<-started
+	handlerCtx := <-started
 	cancel()
 	err = <-ran
 	if !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("Run: %v, want an error wrapping context.DeadlineExceeded", err)
+	}
+	select {
+	case <-handlerCtx.Done():
+	default:
+		t.Error("Run returned with the running handler's context not cancelled")
 	}
 	if err := <-notified; err == nil {
 		t.Error("the NOTIFY held past the timeout was answered")
