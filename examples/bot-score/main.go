@@ -14,14 +14,10 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"log"
 	"net/netip"
-	"os"
-	"os/signal"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/spoe-go/spoe"
@@ -37,24 +33,8 @@ func main() {
 	router.Handle("bot-check", scorer.check)
 	agent := &spoe.Agent{Handler: &router, VarPrefix: "bot"}
 
-	served := make(chan error, 1)
-	go func() { served <- agent.ListenAndServe(*addr) }()
-	log.Printf("bot-score agent listening on %s", *addr)
-
-	stop, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer cancel()
-	select {
-	case err := <-served:
+	if err := agent.Run(context.Background(), *addr, 10*time.Second); err != nil {
 		log.Fatal(err)
-	case <-stop.Done():
-	}
-	ctx, cancelShutdown := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancelShutdown()
-	if err := agent.Shutdown(ctx); err != nil {
-		agent.Close()
-	}
-	if err := <-served; !errors.Is(err, spoe.ErrAgentClosed) {
-		log.Print(err)
 	}
 }
 

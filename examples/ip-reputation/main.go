@@ -1,8 +1,8 @@
 // Command ip-reputation is an SPOE agent for HAProxy: for every HTTP request
 // HAProxy sends it the client's address (the "ip-rep" message of spoe.conf),
-// and the agent answers with a reputation score that HAProxy stores in the
-// session variable sess.iprep.reputation, for its rules to use (see
-// haproxy.cfg).
+// and the agent answers with a reputation score, from 0 to 1000, that
+// HAProxy stores in the session variable sess.iprep.reputation, for its
+// rules to use (see haproxy.cfg).
 //
 //	go run . -addr :9000
 //	haproxy -f haproxy.cfg          # from this folder: spoe.conf is a relative path
@@ -10,50 +10,27 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"log"
+	"math"
 	"net"
-	"os"
-	"os/signal"
-	"syscall"
 	"time"
 
 	"github.com/spoe-go/spoe"
 )
 
 func main() {
-	addr := flag.String("addr", ":9000", "address to listen on for HAProxy's SPOE connections")
+	addr := flag.String("addr", ":9000", "`address` to serve HAProxy's SPOE connections on: host:port, or unix:///path/to/agent.sock")
 	shutdownTimeout := flag.Duration("shutdown-timeout", 10*time.Second, "how long to let running requests finish on SIGINT/SIGTERM")
 	flag.Parse()
 
 	agent := spoe.New(handleMessages)
-
-	served := make(chan error, 1)
-	go func() { served <- agent.ListenAndServe(*addr) }()
-	log.Printf("ip-reputation agent listening on %s", *addr)
-
-	stop, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer cancel()
-	select {
-	case err := <-served:
-		// Serve only returns early on a listen or accept error.
+	// Serve until SIGINT or SIGTERM, then stop accepting, let the handlers
+	// that are running finish and their answers reach HAProxy, and close;
+	// past the timeout, close at once.
+	if err := agent.Run(context.Background(), *addr, *shutdownTimeout); err != nil {
 		log.Fatal(err)
-	case <-stop.Done():
-	}
-
-	// Stop accepting, let the handlers that are running finish and their
-	// answers reach HAProxy, then close. Past the timeout, close at once.
-	log.Printf("shutting down")
-	ctx, cancelShutdown := context.WithTimeout(context.Background(), *shutdownTimeout)
-	defer cancelShutdown()
-	if err := agent.Shutdown(ctx); err != nil {
-		log.Printf("graceful shutdown: %v; closing the remaining connections", err)
-		agent.Close()
-	}
-	if err := <-served; !errors.Is(err, spoe.ErrAgentClosed) {
-		log.Printf("serve: %v", err)
 	}
 }
 
@@ -74,11 +51,13 @@ func handleMessages(messages []spoe.Message) ([]spoe.Action, error) {
 			return nil, fmt.Errorf("spoe handler: error processing request: %s", err)
 		}
 	}
-	// SPOP has no floating-point type: the score reaches HAProxy as the
-	// string "0.75". A returned error makes the agent set txn.iprep.error
-	// instead (see haproxy.cfg).
+	// HAProxy has no decimal numbers (a float64 would reach it as the
+	// string "0.75", which its rules can only match as text): the score
+	// travels as an integer in thousandths, 750, that haproxy.cfg compares
+	// with "-m int". A returned error makes the agent set txn.iprep.error
+	// instead.
 	return []spoe.Action{
-		spoe.ActionSetVar{Name: "reputation", Scope: spoe.VarScopeSession, Value: reputation},
+		spoe.ActionSetVar{Name: "reputation", Scope: spoe.VarScopeSession, Value: int64(math.Round(reputation * 1000))},
 	}, nil
 }
 
