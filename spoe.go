@@ -300,6 +300,7 @@ func (a *Agent) ListenAndServe(addr string) error {
 // always returns a non-nil error: ErrAgentClosed after Shutdown or Close.
 func (a *Agent) Serve(l net.Listener) error {
 	a.init()
+	l = &closeOnce{Listener: l} // Serve and Shutdown may both close it
 	if !a.trackListener(&l, true) {
 		l.Close()
 		return ErrAgentClosed
@@ -349,6 +350,19 @@ func (a *Agent) Serve(l net.Listener) error {
 		a.goroutines.Add(1)
 		go c.serve()
 	}
+}
+
+// closeOnce is a listener whose Close closes it once and reports that
+// close's result to every caller.
+type closeOnce struct {
+	net.Listener
+	once sync.Once
+	err  error
+}
+
+func (l *closeOnce) Close() error {
+	l.once.Do(func() { l.err = l.Listener.Close() })
+	return l.err
 }
 
 func isTemporary(err error) bool {
@@ -485,10 +499,12 @@ func (a *Agent) Shutdown(ctx context.Context) error {
 // are then dropped. Serve returns ErrAgentClosed.
 func (a *Agent) Close() error {
 	conns, err := a.closeListeners()
-	a.cancel()
+	// Sockets first: a handler that returns as its context is cancelled
+	// finds its connection closed, and its ACK is dropped as documented.
 	for _, c := range conns {
 		c.abort()
 	}
+	a.cancel()
 	a.sched.slots.close()
 	return err
 }
