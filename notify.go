@@ -8,6 +8,7 @@ import (
 	"runtime/debug"
 
 	"github.com/pkg/errors"
+	"github.com/sirupsen/logrus"
 )
 
 // A Handler answers the NOTIFY frames HAProxy sends: it reads the messages
@@ -486,12 +487,18 @@ func (a *Agent) serveNotify(w *ActionWriter, r *Request) {
 		var pe *panicError
 		if errors.As(err, &pe) {
 			a.stats.handlerPanics.Add(1)
-			a.logger().WithField("stream_id", r.streamID).WithField("frame_id", r.frameID).
-				WithField("stack", string(pe.stack)).Errorf("%v", err)
+			// One stack per logInterval: a panic storm must not flood the log.
+			if ok, held := a.logs.allow("panic"); ok {
+				a.logHeld(held, "handler panics")
+				a.requestLog(r).WithField("stack", string(pe.stack)).Errorf("%v", err)
+			}
 		} else {
 			a.stats.handlerErrors.Add(1)
-			a.logger().WithField("stream_id", r.streamID).WithField("frame_id", r.frameID).
-				WithError(err).Error("spoe: handler failed")
+			name := r.firstMessageName()
+			if ok, held := a.logs.allow("error " + name); ok {
+				a.logHeld(held, fmt.Sprintf("handler errors on message %q", name))
+				a.requestLog(r).WithError(err).Errorf("spoe: handler failed on message %q", name)
+			}
 		}
 		if name := a.errorVar(); name != "" {
 			_ = w.SetBool(VarScopeTransaction, name, true)
@@ -499,9 +506,41 @@ func (a *Agent) serveNotify(w *ActionWriter, r *Request) {
 	}
 	if w.err != nil {
 		a.stats.actionsRefused.Add(uint64(w.refused))
-		a.logger().WithField("stream_id", r.streamID).WithField("frame_id", r.frameID).
-			WithField("refused", w.refused).WithError(w.err).Error("spoe: actions left out of the ACK")
+		name := r.firstMessageName()
+		if ok, held := a.logs.allow("refused " + name); ok {
+			a.logHeld(held, fmt.Sprintf("ACKs with actions left out on message %q", name))
+			a.requestLog(r).WithField("refused", w.refused).WithError(w.err).
+				Errorf("spoe: actions left out of the ACK of message %q", name)
+		}
 	}
+}
+
+// requestLog is the logger for a line about r.
+func (a *Agent) requestLog(r *Request) logrus.FieldLogger {
+	return a.logger().WithField("stream_id", r.streamID).WithField("frame_id", r.frameID)
+}
+
+// logHeld writes the summary of the lines of one kind the rate limiter held
+// back, before the next one it lets through.
+func (a *Agent) logHeld(held uint64, what string) {
+	if held > 0 {
+		a.logger().WithField("suppressed", held).
+			Errorf("spoe: %d more %s not logged (at most one line per %v; Stats counts them all)", held, what, a.logs.period())
+	}
+}
+
+// firstMessageName names a request in the logs: its first message's name,
+// cut to maxLogKeyLen bytes.
+func (r *Request) firstMessageName() string {
+	it := r.Messages()
+	if !it.Next() {
+		return ""
+	}
+	name := it.name()
+	if len(name) > maxLogKeyLen {
+		name = name[:maxLogKeyLen]
+	}
+	return string(name)
 }
 
 // Interface returns the value as the Go value the simple API uses (see

@@ -161,6 +161,7 @@ type Agent struct {
 
 	engines engines
 	stats   stats
+	logs    logLimiter // rate of the handler failure logs
 
 	inflight atomic.Int64 // handler calls running
 	slotMu   sync.Mutex
