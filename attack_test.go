@@ -21,6 +21,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
 
@@ -272,6 +273,29 @@ func peakRSS() uint64 {
 	return 0
 }
 
+// heapSampler samples HeapAlloc (garbage included) every period until
+// the function it returns is called, which returns the highest sample.
+func heapSampler(period time.Duration) func() uint64 {
+	stop, peak := make(chan struct{}), make(chan uint64, 1)
+	go func() {
+		var max uint64
+		var ms runtime.MemStats
+		for {
+			runtime.ReadMemStats(&ms)
+			if ms.HeapAlloc > max {
+				max = ms.HeapAlloc
+			}
+			select {
+			case <-stop:
+				peak <- max
+				return
+			case <-time.After(period):
+			}
+		}
+	}()
+	return func() uint64 { close(stop); return <-peak }
+}
+
 // mib formats a byte count for the logs.
 func mib(n uint64) string { return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20)) }
 
@@ -319,4 +343,180 @@ func TestAttackOversizedUint32(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, byte(aAgentHello), f.typ)
 	require.Equal(t, uint64(DefaultMaxFrameSize), f.kv()["max-frame-size"])
+}
+
+// engineID returns a distinct engine-id of n bytes (HAProxy's are 36-byte
+// UUIDs, which n = 36 imitates).
+func engineID(i, n int) string {
+	id := fmt.Sprintf("%08x-0000-4000-8000-%012x", i, i)
+	if n > len(id) {
+		id += strings.Repeat("x", n-len(id))
+	}
+	return id[:n]
+}
+
+// engineCount is how many engines the agent holds, lingering ones included.
+func (r *engines) count() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.m)
+}
+
+// TestAttackEngineChurn (issue 11, case 3): short connections, each a
+// HELLO with async and an engine-id of its own, then a close. The engines
+// they leave must stay within the memory model: none lingers when it has
+// nothing to deliver, and never more than MaxEngines.
+//
+// SPOE_ATTACK_FULL=1: 100,000 connections (SPOE_ATTACK_ENGINES), 36-byte
+// ids (SPOE_ATTACK_ENGINE_ID_LEN, 16000 for the issue's long ids).
+func TestAttackEngineChurn(t *testing.T) {
+	n := attackSize(t, "SPOE_ATTACK_ENGINES", 2000, 100000)
+	idLen := attackSize(t, "SPOE_ATTACK_ENGINE_ID_LEN", 36, 36)
+	a := New(seedHandler)
+	addr := startAgent(t, a)
+	base := liveHeap()
+	sampled := heapSampler(10 * time.Millisecond)
+	start := time.Now()
+	const workers = 8
+	errs := make(chan error, workers)
+	var hellos, refusals [workers]int
+	for w := 0; w < workers; w++ {
+		go func(w int) {
+			for i := w; i < n; i += workers {
+				p, err := tryAttack(addr)
+				if err != nil {
+					errs <- err
+					return
+				}
+				_ = p.nc.(*net.TCPConn).SetLinger(0) // no TIME_WAIT: 100,000 ports
+				f, err := p.handshake("pipelining,async", engineID(i, idLen), 16380)
+				p.close()
+				if err != nil {
+					errs <- err
+					return
+				}
+				switch f.typ {
+				case aAgentHello:
+					hellos[w]++
+				case aAgentDisc:
+					refusals[w]++
+				}
+			}
+			errs <- nil
+		}(w)
+	}
+	for w := 0; w < workers; w++ {
+		require.NoError(t, <-errs)
+	}
+	waitFor(t, func() bool { return a.Stats().ConnsOpen == 0 }, "every connection closed")
+	took := time.Since(start)
+	peak := sampled()
+	live := liveHeap()
+	engines := a.engines.count()
+	var h, r int
+	for w := range hellos {
+		h, r = h+hellos[w], r+refusals[w]
+	}
+	grown := int64(live) - int64(base)
+	t.Logf("%d connections (%d answered, %d refused), engine-id %d bytes, in %v: %d engines held; live heap %s -> %s (%+.1f MiB, %.0f bytes per connection); sampled peak heap %s; peak RSS %s",
+		n, h, r, idLen, took.Round(time.Millisecond), engines, mib(base), mib(live), float64(grown)/(1<<20), float64(grown)/float64(n), mib(peak), mib(peakRSS()))
+	require.Equal(t, n, h+r, "every HELLO answered")
+	require.LessOrEqual(t, engines, engineBound(a), "engines held")
+	require.Less(t, grown, int64(engineBound(a))*engineCostBound+4<<20, "live heap within the memory model")
+}
+
+// errorVarACK is the payload of an ACK that sets txn.<prefix>.error:
+// set-var(1) nb-args(3) scope txn(2) name "error" BOOL true.
+const errorVarACK = "\x01\x03\x02\x05error\x11"
+
+// Bounds of the memory model (docs-memory-model.md) the attack tests hold
+// the agent to.
+const (
+	engineCostBound = 1 << 10 // one engine: its struct, id and registry entry
+	notifyCostBound = 3 << 20 // one NOTIFY of 1 MiB refused by the simple API: its frame, a copy, its index
+)
+
+func engineBound(a *Agent) int { return a.maxEngines() }
+
+// TestAttackEnginesBounded: engines that must linger (their connection
+// left with a handler running) are bounded by MaxEngines; a connection
+// with one engine-id too many is served without async, and counted. The
+// lingering engines still deliver their ACKs to the next connection of
+// their engine-id.
+func TestAttackEnginesBounded(t *testing.T) {
+	g := newGate()
+	g.started = make(chan struct{}, 64)
+	const max, n = 8, 20
+	a := &Agent{Handler: g, MaxEngines: max}
+	addr := startAgent(t, a)
+	granted := 0
+	for i := 0; i < n; i++ {
+		p := attack(t, addr)
+		f, err := p.handshake("pipelining,async", engineID(i, 36), 16380)
+		require.NoError(t, err)
+		require.Equal(t, byte(aAgentHello), f.typ)
+		caps := f.kv()["capabilities"]
+		if i < max {
+			require.Equal(t, "pipelining,async,fragmentation", caps, "engine %d", i)
+			granted++
+		} else {
+			require.Equal(t, "pipelining,fragmentation", caps, "engine %d: MaxEngines reached", i)
+		}
+		require.NoError(t, p.send(aFrame(aNotify, aFin, uint64(100+i), 1, aMessage(nil, "slow"))))
+		<-g.started
+		p.close()
+		waitFor(t, func() bool { return a.Stats().ConnsOpen == 0 }, "closed")
+		require.LessOrEqual(t, a.engines.count(), max)
+	}
+	require.Equal(t, max, a.engines.count(), "engines with a handler running linger")
+	require.Equal(t, uint64(n-max), a.Stats().AsyncRefused)
+
+	// A known engine-id is still admitted when the registry is full.
+	p := attack(t, addr)
+	f, err := p.handshake("pipelining,async", engineID(3, 36), 16380)
+	require.NoError(t, err)
+	require.Equal(t, "pipelining,async,fragmentation", f.kv()["capabilities"])
+	close(g.release)
+	f, err = p.read()
+	require.NoError(t, err)
+	require.Equal(t, byte(aAck), f.typ)
+	require.Equal(t, uint64(103), f.sid, "the lingering engine's ACK on its next connection")
+	// The ACKs of the connections without async found no connection.
+	waitFor(t, func() bool { return a.Stats().ACKsDropped >= n-max }, "ACKs without async dropped")
+}
+
+// TestAttackLongEngineID: an engine-id longer than 128 bytes is refused
+// with "invalid frame"; 128 bytes are taken.
+func TestAttackLongEngineID(t *testing.T) {
+	a := New(seedHandler)
+	addr := startAgent(t, a)
+	p := attack(t, addr)
+	f, err := p.handshake("pipelining,async", engineID(1, 16000), 16380)
+	require.NoError(t, err)
+	require.Equal(t, byte(aAgentDisc), f.typ)
+	require.Equal(t, uint64(StatusInvalidFrame), f.kv()["status-code"])
+	p = attack(t, addr)
+	f, err = p.handshake("pipelining,async", engineID(2, 128), 16380)
+	require.NoError(t, err)
+	require.Equal(t, byte(aAgentHello), f.typ)
+	require.Equal(t, "pipelining,async,fragmentation", f.kv()["capabilities"])
+}
+
+// TestEngineEndsWhenNothingDue: an engine whose last connection leaves
+// with nothing due goes away without lingering, and its goroutine, made
+// only to deliver, is gone with it.
+func TestEngineEndsWhenNothingDue(t *testing.T) {
+	a := New(seedHandler)
+	addr := startAgent(t, a)
+	p := attack(t, addr)
+	_, err := p.handshake("pipelining,async", "short-lived", 16380)
+	require.NoError(t, err)
+	require.NoError(t, p.send(aFrame(aNotify, aFin, 1, 1, aMessage(nil, "m"))))
+	f, err := p.read()
+	require.NoError(t, err)
+	require.Equal(t, byte(aAck), f.typ)
+	require.True(t, a.engines.has("short-lived"))
+	p.close()
+	waitFor(t, func() bool { return !a.engines.has("short-lived") }, "the engine gone")
+	assert.Zero(t, a.Stats().ACKsDropped)
 }

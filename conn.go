@@ -224,6 +224,9 @@ func (c *conn) handshake() error {
 	a.stats.framesIn[frameStat(f.typ)].Add(1)
 	c.maxFrame = negotiateFrameSize(h.maxFrameSize, a.maxFrameSize())
 	c.caps = h.caps&(capPipelining|capAsync) | capFragmentation
+	if c.caps&capAsync != 0 && !a.engines.admit(h.engineID) {
+		c.caps &^= capAsync // MaxEngines reached
+	}
 	c.engineID = h.engineID
 	hello := appendAgentHello(c.outBuf(), c.maxFrame, c.caps)
 	c.out.b = hello[:0]
@@ -255,7 +258,7 @@ func (c *conn) handshake() error {
 // of its connections.
 func (c *conn) requestContext() context.Context {
 	if c.engine != nil {
-		return c.engine.ctx
+		return c.engine.context()
 	}
 	return c.ctx
 }

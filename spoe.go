@@ -79,6 +79,7 @@ const (
 	DefaultReadTimeout        = 10 * time.Second
 	DefaultWriteTimeout       = 10 * time.Second
 	DefaultErrorVar           = "error"
+	DefaultMaxEngines         = 4096
 )
 
 // Agent serves SPOP connections from HAProxy. Its exported fields are its
@@ -110,6 +111,15 @@ type Agent struct {
 	// one connection (HAProxy pipelines at most 20 by default). Zero means
 	// DefaultMaxInFlightPerConn.
 	MaxInFlightPerConn int
+
+	// MaxEngines limits the HAProxy engines (engine-ids of connections
+	// that negotiated async, HAProxy 2.6 and 3.0) the agent keeps track
+	// of, connected or lingering with ACKs still due. A connection whose
+	// engine-id would be one too many is served without async: HAProxy
+	// then expects its ACKs on that connection only, as with pipelining,
+	// and nothing is refused. HAProxy 2.6 has one engine per SPOE filter
+	// and thread, new at each reload. Zero means DefaultMaxEngines.
+	MaxEngines int
 
 	// ReadTimeout bounds the time from accepting a connection to a complete
 	// HAPROXY-HELLO, and from the first byte of a frame to its last. On
@@ -234,6 +244,13 @@ func (a *Agent) maxInFlightPerConn() int32 {
 		return 1 << 30
 	}
 	return int32(a.MaxInFlightPerConn)
+}
+
+func (a *Agent) maxEngines() int {
+	if a.MaxEngines <= 0 {
+		return DefaultMaxEngines
+	}
+	return a.MaxEngines
 }
 
 func (a *Agent) readTimeout() time.Duration {

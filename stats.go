@@ -27,6 +27,7 @@ type stats struct {
 	rescues        atomic.Uint64
 	protocolErrors atomic.Uint64
 	notifyTooBig   atomic.Uint64
+	asyncRefused   atomic.Uint64
 	timerFirings   atomic.Uint64 // rescue timer firings (not in Stats)
 
 	disconnectsIn  [numStatusStats]atomic.Uint64
@@ -131,6 +132,7 @@ type Stats struct {
 	Rescues        uint64 // handlers that outlasted the inline budget
 	ProtocolErrors uint64 // connections closed for a protocol error
 	NotifyTooBig   uint64 // fragmented NOTIFYs aborted for their size
+	AsyncRefused   uint64 // connections served without async: MaxEngines reached
 
 	// DisconnectsIn counts HAProxy's DISCONNECT frames by status code;
 	// DisconnectsOut the agent's.
@@ -202,6 +204,7 @@ func (a *Agent) Stats() Stats {
 		Rescues:        s.rescues.Load(),
 		ProtocolErrors: s.protocolErrors.Load(),
 		NotifyTooBig:   s.notifyTooBig.Load(),
+		AsyncRefused:   s.asyncRefused.Load(),
 		DisconnectsIn:  statusCounts(&s.disconnectsIn),
 		DisconnectsOut: statusCounts(&s.disconnectsOut),
 	}
