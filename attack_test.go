@@ -425,6 +425,106 @@ func TestAttackEngineChurn(t *testing.T) {
 	require.Less(t, grown, int64(engineBound(a))*engineCostBound+4<<20, "live heap within the memory model")
 }
 
+// TestAttackSimpleAPIAmplification (issue 11, case 4): NOTIFYs of 1 MiB,
+// each of 524,264 empty messages (the peer announced a big
+// max-frame-size), in flight at once on connections of their own, to an
+// agent on the simple API. Decoded, each would be ~37 MiB; the agent must
+// refuse them before decoding, with the error variable in their ACK, while
+// a well-behaved connection is answered.
+//
+// SPOE_ATTACK_FULL=1: 40 in flight (SPOE_ATTACK_AMPLIFY).
+func TestAttackSimpleAPIAmplification(t *testing.T) {
+	n := attackSize(t, "SPOE_ATTACK_AMPLIFY", 4, 40)
+	const msgs = 524264
+	decoded := make(chan struct{}, n)
+	release := make(chan struct{})
+	a := New(func(m []Message) ([]Action, error) {
+		if len(m) > 1 {
+			decoded <- struct{}{}
+			<-release // hold what was decoded, as a slow handler would
+			runtime.KeepAlive(m)
+			return nil, nil
+		}
+		return []Action{ActionSetVar{Name: "ok", Scope: VarScopeTransaction, Value: true}}, nil
+	})
+	addr := startAgent(t, a)
+	t.Cleanup(func() {
+		select {
+		case <-release:
+		default:
+			close(release)
+		}
+	})
+	payload := make([]byte, 0, 2*msgs)
+	for i := 0; i < msgs; i++ {
+		payload = append(payload, 0, 0) // name "", no argument
+	}
+	bomb := aFrame(aNotify, aFin, 1, 1, payload)
+	require.LessOrEqual(t, len(bomb)-4, DefaultMaxFrameSize)
+
+	good := attack(t, addr)
+	_, err := good.handshake("pipelining", "good", 16380)
+	require.NoError(t, err)
+	base := liveHeap()
+
+	// Sample the heap while the bombs are in flight.
+	sampled := heapSampler(2 * time.Millisecond)
+	start := time.Now()
+	peers := make([]*attacker, n)
+	for i := range peers {
+		peers[i] = attack(t, addr)
+		_, err := peers[i].handshake("pipelining", "bomb", 2<<20)
+		require.NoError(t, err)
+	}
+	for _, p := range peers {
+		go func(p *attacker) { _ = p.send(bomb) }(p)
+	}
+	// The well-behaved connection is answered meanwhile.
+	require.NoError(t, good.send(aFrame(aNotify, aFin, 7, 1, aMessage(nil, "m", "a", "b"))))
+	f, err := good.read()
+	require.NoError(t, err)
+	require.Equal(t, byte(aAck), f.typ)
+	goodLatency := time.Since(start)
+
+	// Each bomb is either refused (an ACK with the error variable) or, as
+	// before the fix, decoded and held by the handler.
+	acks := make(chan error, n)
+	for _, p := range peers {
+		go func(p *attacker) {
+			f, err := p.read()
+			if err == nil && (f.typ != aAck || string(f.payload) != errorVarACK) {
+				err = fmt.Errorf("attack: frame %d %x instead of the error ACK", f.typ, f.payload)
+			}
+			acks <- err
+		}(p)
+	}
+	answered, held := 0, 0
+	var liveInFlight uint64
+	for answered+held < n {
+		select {
+		case <-decoded:
+			held++
+		case err := <-acks:
+			require.NoError(t, err)
+			answered++
+		}
+	}
+	if held > 0 {
+		liveInFlight = liveHeap() // the decoded bombs are held by the handler
+	}
+	peak := sampled()
+	if liveInFlight == 0 {
+		liveInFlight = liveHeap()
+	}
+	close(release)
+	t.Logf("%d NOTIFYs of %d empty messages (%d bytes): %d refused, %d decoded; live heap %s before, %s with them in flight; sampled peak heap %s (%+.1f MiB, %.1f MiB per NOTIFY); peak RSS %s; well-behaved ACK after %v",
+		n, msgs, len(bomb), answered, held, mib(base), mib(liveInFlight), mib(peak),
+		float64(peak-base)/(1<<20), float64(peak-base)/(1<<20)/float64(n), mib(peakRSS()), goodLatency.Round(time.Millisecond))
+	require.Zero(t, held, "no bomb reached the handler")
+	require.Equal(t, n, answered)
+	require.Less(t, peak-base, uint64(n)*notifyCostBound+16<<20, "heap within the memory model")
+}
+
 // errorVarACK is the payload of an ACK that sets txn.<prefix>.error:
 // set-var(1) nb-args(3) scope txn(2) name "error" BOOL true.
 const errorVarACK = "\x01\x03\x02\x05error\x11"
@@ -519,4 +619,54 @@ func TestEngineEndsWhenNothingDue(t *testing.T) {
 	p.close()
 	waitFor(t, func() bool { return !a.engines.has("short-lived") }, "the engine gone")
 	assert.Zero(t, a.Stats().ACKsDropped)
+}
+
+// TestSimpleAPIDecodeLimits: the simple API decodes a NOTIFY of up to
+// MaxNotifyMessages messages and MaxNotifyArgs arguments; one more of
+// either is answered with the error variable without calling the handler,
+// and counted. The zero-copy Handler is not bound by them.
+func TestSimpleAPIDecodeLimits(t *testing.T) {
+	calls := 0
+	a := New(func(m []Message) ([]Action, error) {
+		calls++
+		return []Action{ActionSetVar{Name: "n", Scope: VarScopeTransaction, Value: len(m)}}, nil
+	})
+	a.MaxNotifyMessages, a.MaxNotifyArgs = 10, 20
+	p := attack(t, startAgent(t, a))
+	_, err := p.handshake("pipelining", "e", 16380)
+	require.NoError(t, err)
+	notify := func(sid uint64, msgs, argsEach int) aFrameRead {
+		var payload []byte
+		for i := 0; i < msgs; i++ {
+			var args []string
+			for j := 0; j < argsEach; j++ {
+				args = append(args, fmt.Sprint("a", j), "v")
+			}
+			payload = aMessage(payload, fmt.Sprint("m", i), args...)
+		}
+		require.NoError(t, p.send(aFrame(aNotify, aFin, sid, 1, payload)))
+		f, err := p.read()
+		require.NoError(t, err)
+		require.Equal(t, byte(aAck), f.typ)
+		require.Equal(t, sid, f.sid)
+		return f
+	}
+	assert.Equal(t, []byte{1, 3, 2, 1, 'n', 4, 10}, notify(1, 10, 2).payload, "10 messages, 20 arguments: decoded")
+	assert.Equal(t, errorVarACK, string(notify(2, 11, 0).payload), "11 messages")
+	assert.Equal(t, errorVarACK, string(notify(3, 7, 3).payload), "21 arguments")
+	assert.Equal(t, 1, calls, "the handler saw only the NOTIFY within the limits")
+	assert.Equal(t, uint64(2), a.Stats().NotifyRefused)
+	assert.Zero(t, a.Stats().HandlerErrors)
+
+	// The zero-copy path reads any NOTIFY in place.
+	z := &Agent{MaxNotifyMessages: 1, Handler: HandlerFunc(func(w *ActionWriter, r *Request) error {
+		return w.SetInt(VarScopeTransaction, "n", int64(r.NumMessages()))
+	})}
+	p = attack(t, startAgent(t, z))
+	_, err = p.handshake("pipelining", "e", 16380)
+	require.NoError(t, err)
+	require.NoError(t, p.send(aFrame(aNotify, aFin, 1, 1, aMessage(aMessage(nil, "a"), "b"))))
+	f, err := p.read()
+	require.NoError(t, err)
+	assert.Equal(t, []byte{1, 3, 2, 1, 'n', 4, 2}, f.payload)
 }

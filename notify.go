@@ -103,8 +103,13 @@ type MessageHandler func(messages []Message) ([]Action, error)
 
 // ServeSPOE decodes r's messages, calls h and writes its actions to w.
 // An action the writer refuses is logged and counted by the agent; the
-// others are still sent.
+// others are still sent. A NOTIFY with more messages or arguments than the
+// agent's MaxNotifyMessages and MaxNotifyArgs is not decoded: h is not
+// called, and the agent answers with its error variable.
 func (h MessageHandler) ServeSPOE(w *ActionWriter, r *Request) error {
+	if err := r.checkDecodeCost(); err != nil {
+		return err
+	}
 	actions, err := h(r.decodeMessages())
 	if err != nil {
 		return err
@@ -122,6 +127,7 @@ func (h MessageHandler) ServeSPOE(w *ActionWriter, r *Request) error {
 // before the handler is called, and the places of its messages noted, so
 // that reading them lazily can neither fail nor walk the frame twice.
 type Request struct {
+	agent    *Agent // set by serveNotify: the simple API's limits
 	parent   context.Context
 	ctx      context.Context
 	cancel   context.CancelFunc
@@ -248,6 +254,34 @@ func (r *Request) Message(name string) (MessageIterator, bool) {
 		}
 	}
 	return MessageIterator{}, false
+}
+
+// decodeLimitError is a NOTIFY the simple API does not decode: it has more
+// messages, or arguments in all, than the agent allows.
+type decodeLimitError struct {
+	what         string // "messages" or "arguments"
+	count, limit int
+}
+
+func (e *decodeLimitError) Error() string {
+	return fmt.Sprintf("spoe: NOTIFY of %d %s or more, above the simple API's %d: not decoded", e.count, e.what, e.limit)
+}
+
+// checkDecodeCost bounds what decoding r for the simple API may cost: its
+// messages and arguments are counted, without decoding, against the
+// agent's limits.
+func (r *Request) checkDecodeCost() error {
+	r.check()
+	if limit := r.agent.maxNotifyMessages(); r.nmsgs > limit {
+		return &decodeLimitError{"messages", r.nmsgs, limit}
+	}
+	limit, args := r.agent.maxNotifyArgs(), 0
+	for it := r.Messages(); it.Next(); {
+		if args += it.NumArgs(); args > limit {
+			return &decodeLimitError{"arguments", args, limit}
+		}
+	}
+	return nil
 }
 
 // decodeMessages builds the simple API's messages, with copied values.
@@ -476,6 +510,7 @@ func callHandler(h Handler, w *ActionWriter, r *Request) (err error) {
 // w's ACK. A handler error or panic replaces the actions with the error
 // variable, so that HAProxy's rules see the failure at once.
 func (a *Agent) serveNotify(w *ActionWriter, r *Request) {
+	r.agent = a
 	err := callHandler(a.handler(), w, r)
 	if r.cancel != nil {
 		r.cancel()
@@ -485,7 +520,15 @@ func (a *Agent) serveNotify(w *ActionWriter, r *Request) {
 		w.discardActions()
 		w.err, w.refused = nil, 0
 		var pe *panicError
-		if errors.As(err, &pe) {
+		var le *decodeLimitError
+		if errors.As(err, &le) {
+			a.stats.notifyRefused.Add(1)
+			name := r.firstMessageName()
+			if ok, held := a.logs.allow("limit " + name); ok {
+				a.logHeld(held, fmt.Sprintf("NOTIFYs of message %q refused for their size", name))
+				a.requestLog(r).WithError(err).Warnf("spoe: NOTIFY of message %q refused: answered with the error variable", name)
+			}
+		} else if errors.As(err, &pe) {
 			a.stats.handlerPanics.Add(1)
 			// One stack per logInterval: a panic storm must not flood the log.
 			if ok, held := a.logs.allow("panic"); ok {

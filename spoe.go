@@ -80,6 +80,8 @@ const (
 	DefaultWriteTimeout       = 10 * time.Second
 	DefaultErrorVar           = "error"
 	DefaultMaxEngines         = 4096
+	DefaultMaxNotifyMessages  = 256
+	DefaultMaxNotifyArgs      = 4096
 )
 
 // Agent serves SPOP connections from HAProxy. Its exported fields are its
@@ -111,6 +113,21 @@ type Agent struct {
 	// one connection (HAProxy pipelines at most 20 by default). Zero means
 	// DefaultMaxInFlightPerConn.
 	MaxInFlightPerConn int
+
+	// MaxNotifyMessages and MaxNotifyArgs bound what one NOTIFY may cost
+	// the simple API (MessageHandler) once decoded: a Message with its map
+	// is some 100 bytes, an argument some 64 beyond its value, so that a
+	// NOTIFY of 1 MiB of empty messages would decode to 37 MiB. A NOTIFY
+	// with more messages, or more arguments in all, is not decoded nor
+	// handed to the handler: it is answered at once with the error
+	// variable (see ErrorVar), as a failing handler is, counted in
+	// Stats.NotifyRefused and logged (rate-limited). HAProxy sends one
+	// message per spoe-message of the event or group, each with the
+	// arguments its configuration lists (255 at most). The zero-copy
+	// Handler reads the frame in place and is not bound by them. Zero means
+	// DefaultMaxNotifyMessages and DefaultMaxNotifyArgs.
+	MaxNotifyMessages int
+	MaxNotifyArgs     int
 
 	// MaxEngines limits the HAProxy engines (engine-ids of connections
 	// that negotiated async, HAProxy 2.6 and 3.0) the agent keeps track
@@ -251,6 +268,20 @@ func (a *Agent) maxEngines() int {
 		return DefaultMaxEngines
 	}
 	return a.MaxEngines
+}
+
+func (a *Agent) maxNotifyMessages() int {
+	if a == nil || a.MaxNotifyMessages <= 0 {
+		return DefaultMaxNotifyMessages
+	}
+	return a.MaxNotifyMessages
+}
+
+func (a *Agent) maxNotifyArgs() int {
+	if a == nil || a.MaxNotifyArgs <= 0 {
+		return DefaultMaxNotifyArgs
+	}
+	return a.MaxNotifyArgs
 }
 
 func (a *Agent) readTimeout() time.Duration {

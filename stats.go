@@ -28,6 +28,7 @@ type stats struct {
 	protocolErrors atomic.Uint64
 	notifyTooBig   atomic.Uint64
 	asyncRefused   atomic.Uint64
+	notifyRefused  atomic.Uint64
 	timerFirings   atomic.Uint64 // rescue timer firings (not in Stats)
 
 	disconnectsIn  [numStatusStats]atomic.Uint64
@@ -133,6 +134,7 @@ type Stats struct {
 	ProtocolErrors uint64 // connections closed for a protocol error
 	NotifyTooBig   uint64 // fragmented NOTIFYs aborted for their size
 	AsyncRefused   uint64 // connections served without async: MaxEngines reached
+	NotifyRefused  uint64 // NOTIFYs the simple API did not decode: MaxNotifyMessages or MaxNotifyArgs
 
 	// DisconnectsIn counts HAProxy's DISCONNECT frames by status code;
 	// DisconnectsOut the agent's.
@@ -205,6 +207,7 @@ func (a *Agent) Stats() Stats {
 		ProtocolErrors: s.protocolErrors.Load(),
 		NotifyTooBig:   s.notifyTooBig.Load(),
 		AsyncRefused:   s.asyncRefused.Load(),
+		NotifyRefused:  s.notifyRefused.Load(),
 		DisconnectsIn:  statusCounts(&s.disconnectsIn),
 		DisconnectsOut: statusCounts(&s.disconnectsOut),
 	}
