@@ -21,6 +21,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sirupsen/logrus"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -296,6 +297,15 @@ func heapSampler(period time.Duration) func() uint64 {
 	return func() uint64 { close(stop); return <-peak }
 }
 
+// discardLogger logs nothing and keeps nothing: the suite's null logger
+// keeps every entry, which the measures would count.
+func discardLogger() logrus.FieldLogger {
+	l := logrus.New()
+	l.Out = io.Discard
+	l.SetLevel(logrus.DebugLevel) // formatted, as in production, then dropped
+	return l
+}
+
 // mib formats a byte count for the logs.
 func mib(n uint64) string { return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20)) }
 
@@ -373,6 +383,7 @@ func TestAttackEngineChurn(t *testing.T) {
 	n := attackSize(t, "SPOE_ATTACK_ENGINES", 2000, 100000)
 	idLen := attackSize(t, "SPOE_ATTACK_ENGINE_ID_LEN", 36, 36)
 	a := New(seedHandler)
+	a.Logger = discardLogger()
 	addr := startAgent(t, a)
 	base := liveHeap()
 	sampled := heapSampler(10 * time.Millisecond)
@@ -447,6 +458,7 @@ func TestAttackSimpleAPIAmplification(t *testing.T) {
 		}
 		return []Action{ActionSetVar{Name: "ok", Scope: VarScopeTransaction, Value: true}}, nil
 	})
+	a.Logger = discardLogger()
 	addr := startAgent(t, a)
 	t.Cleanup(func() {
 		select {
@@ -469,13 +481,13 @@ func TestAttackSimpleAPIAmplification(t *testing.T) {
 
 	// Sample the heap while the bombs are in flight.
 	sampled := heapSampler(2 * time.Millisecond)
-	start := time.Now()
 	peers := make([]*attacker, n)
 	for i := range peers {
 		peers[i] = attack(t, addr)
 		_, err := peers[i].handshake("pipelining", "bomb", 2<<20)
 		require.NoError(t, err)
 	}
+	start := time.Now()
 	for _, p := range peers {
 		go func(p *attacker) { _ = p.send(bomb) }(p)
 	}
@@ -669,4 +681,40 @@ func TestSimpleAPIDecodeLimits(t *testing.T) {
 	f, err := p.read()
 	require.NoError(t, err)
 	assert.Equal(t, []byte{1, 3, 2, 1, 'n', 4, 2}, f.payload)
+}
+
+// TestEngineHeldBytesBounded: the ACKs all engines hold for a connection
+// to come are bounded in number per engine and in bytes per agent; what
+// does not fit is refused (the caller drops and counts it), and what is
+// held is dropped, counted and given back when the engine ends.
+func TestEngineHeldBytesBounded(t *testing.T) {
+	a := &Agent{}
+	a.init()
+	defer a.Close()
+	r := &a.engines
+	r.mu.Lock()
+	r.m = map[string]*engine{"x": {id: "x", registry: r}, "y": {id: "y", registry: r}}
+	x, y := r.m["x"], r.m["y"]
+	r.mu.Unlock()
+	ack := ackFrame(1)
+	big := make([]byte, 0, 1<<20)
+	for len(big)+len(ack) <= 1<<20 {
+		big = append(big, ack...)
+	}
+	for i := 0; i < engineQueue; i++ {
+		if !y.send(ackFrame(uint64(i))) {
+			t.Fatalf("ACK %d refused before the engine's queue is full", i)
+		}
+	}
+	assert.False(t, y.send(ackFrame(1)), "over the engine's queue")
+	taken := 0
+	for x.send(append([]byte(nil), big...)) {
+		taken++
+	}
+	assert.Equal(t, (maxHeldACKBytes-engineQueue*len(ack))/len(big), taken, "up to the agent's budget")
+	assert.LessOrEqual(t, r.heldBytes.Load(), int64(maxHeldACKBytes))
+	r.endAll()
+	assert.Zero(t, r.heldBytes.Load(), "given back")
+	assert.Equal(t, uint64(taken*countFrames(big)+engineQueue), a.Stats().ACKsDropped)
+	assert.False(t, x.send(ackFrame(1)), "an ended engine takes nothing")
 }
