@@ -181,9 +181,10 @@ func (f aFrameRead) kv() map[string]interface{} {
 
 // attacker is one raw connection to the agent.
 type attacker struct {
-	t  testing.TB
-	nc net.Conn
-	br *bufio.Reader
+	t        testing.TB
+	nc       net.Conn
+	br       *bufio.Reader
+	deadline time.Time // of read; zero: 30 s from the call
 }
 
 func attack(t testing.TB, addr string) *attacker {
@@ -191,7 +192,7 @@ func attack(t testing.TB, addr string) *attacker {
 	nc, err := net.DialTimeout("tcp", addr, 10*time.Second)
 	require.NoError(t, err)
 	t.Cleanup(func() { nc.Close() })
-	return &attacker{t: t, nc: nc, br: bufio.NewReaderSize(nc, 64<<10)}
+	return &attacker{t: t, nc: nc, br: bufio.NewReaderSize(nc, 512)}
 }
 
 // tryAttack is attack without the test's cleanup, for connections by the
@@ -212,7 +213,11 @@ func (p *attacker) send(b []byte) error {
 
 // read returns the next frame from the agent.
 func (p *attacker) read() (aFrameRead, error) {
-	_ = p.nc.SetReadDeadline(time.Now().Add(30 * time.Second))
+	if p.deadline.IsZero() {
+		_ = p.nc.SetReadDeadline(time.Now().Add(30 * time.Second))
+	} else {
+		_ = p.nc.SetReadDeadline(p.deadline)
+	}
 	var l [4]byte
 	if _, err := io.ReadFull(p.br, l[:]); err != nil {
 		return aFrameRead{}, err
