@@ -116,8 +116,10 @@ type Agent struct {
 
 	// MaxNotifyMessages and MaxNotifyArgs bound what one NOTIFY may cost
 	// the simple API (MessageHandler) once decoded: a Message with its map
-	// is some 100 bytes, an argument some 64 beyond its value, so that a
-	// NOTIFY of 1 MiB of empty messages would decode to 37 MiB. A NOTIFY
+	// is some 75 bytes, an argument some 80 beyond its value, so that a
+	// NOTIFY of 1 MiB of empty messages would decode to 37 MiB; within the
+	// defaults, the decoded messages cost at most the frame's bytes and
+	// some 0.35 MiB. A NOTIFY
 	// with more messages, or more arguments in all, is not decoded nor
 	// handed to the handler: it is answered at once with the error
 	// variable (see ErrorVar), as a failing handler is, counted in
