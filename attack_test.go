@@ -439,6 +439,7 @@ func TestAttackEngineChurn(t *testing.T) {
 	require.Equal(t, n, h+r, "every HELLO answered")
 	require.LessOrEqual(t, engines, engineBound(a), "engines held")
 	require.Less(t, grown, int64(engineBound(a))*engineCostBound+4<<20, "live heap within the memory model")
+	waitFor(t, func() bool { return a.engines.count() == 0 }, "no engine lingers with nothing due")
 }
 
 // TestAttackSimpleAPIAmplification (issue 11, case 4): NOTIFYs of 1 MiB,
@@ -598,6 +599,8 @@ func TestAttackEnginesBounded(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, byte(aAck), f.typ)
 	require.Equal(t, uint64(103), f.sid, "the lingering engine's ACK on its next connection")
+	waitFor(t, func() bool { return !strings.Contains(packageGoroutines(), "(*engine).pump") },
+		"no goroutine kept once the ACKs are delivered")
 	// The ACKs of the connections without async found no connection.
 	waitFor(t, func() bool { return a.Stats().ACKsDropped >= n-max }, "ACKs without async dropped")
 }
