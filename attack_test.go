@@ -18,6 +18,7 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -725,4 +726,66 @@ func TestEngineHeldBytesBounded(t *testing.T) {
 	assert.Zero(t, r.heldBytes.Load(), "given back")
 	assert.Equal(t, uint64(taken*countFrames(big)+engineQueue), a.Stats().ACKsDropped)
 	assert.False(t, x.send(ackFrame(1)), "an ended engine takes nothing")
+}
+
+// countingWriter counts the bytes written to it.
+type countingWriter struct{ n atomic.Int64 }
+
+func (w *countingWriter) Write(b []byte) (int, error) { w.n.Add(int64(len(b))); return len(b), nil }
+
+// TestAttackPanicStormLog: connections pipelining NOTIFYs at a handler
+// that panics on every one. The log stays small (one stack per 10 s, then
+// a summary), every panic is answered with the error variable and counted.
+//
+// CI: 2 s; SPOE_ATTACK_FULL=1: 20 s (SPOE_ATTACK_STORM_SECONDS).
+func TestAttackPanicStormLog(t *testing.T) {
+	secs := attackSize(t, "SPOE_ATTACK_STORM_SECONDS", 2, 20)
+	out := &countingWriter{}
+	logger := logrus.New()
+	logger.Out = out
+	a := &Agent{Logger: logger, Handler: HandlerFunc(func(w *ActionWriter, r *Request) error {
+		panic("storm")
+	})}
+	addr := startAgent(t, a)
+	notify := aFrame(aNotify, aFin, 1, 1, aMessage(nil, "m"))
+	batch := make([]byte, 0, 20*len(notify))
+	for i := 0; i < 20; i++ {
+		batch = append(batch, notify...)
+	}
+	deadline := time.Now().Add(time.Duration(secs) * time.Second)
+	errs := make(chan error, 4)
+	var answered atomic.Int64
+	for i := 0; i < 4; i++ {
+		p := attack(t, addr)
+		_, err := p.handshake("pipelining", "storm", 16380)
+		require.NoError(t, err)
+		go func() {
+			for time.Now().Before(deadline) {
+				if err := p.send(batch); err != nil {
+					errs <- err
+					return
+				}
+				for j := 0; j < 20; j++ {
+					f, err := p.read()
+					if err == nil && (f.typ != aAck || string(f.payload) != errorVarACK) {
+						err = fmt.Errorf("frame %d %x instead of the error ACK", f.typ, f.payload)
+					}
+					if err != nil {
+						errs <- err
+						return
+					}
+					answered.Add(1)
+				}
+			}
+			errs <- nil
+		}()
+	}
+	for i := 0; i < 4; i++ {
+		require.NoError(t, <-errs)
+	}
+	st := a.Stats()
+	t.Logf("panic storm for %ds: %d panics answered, %d counted, %d bytes of log (%.0f per panic)",
+		secs, answered.Load(), st.HandlerPanics, out.n.Load(), float64(out.n.Load())/float64(answered.Load()))
+	assert.Equal(t, uint64(answered.Load()), st.HandlerPanics, "every panic counted")
+	assert.Less(t, out.n.Load(), int64(secs/10+1)*16<<10, "one stack per 10 s")
 }
