@@ -18,6 +18,10 @@ type config struct {
 	writeTimeout time.Duration
 	errorVar     string // "" for none
 	prefixLen    int    // of VarPrefix, to check variable names
+
+	maxNotifyMessages int         // the simple API's decoding bound
+	maxNotifyArgs     int         //
+	logs              *logLimiter // the Agent's: rate of failure logs
 }
 
 func (a *Agent) config() *config {
@@ -31,5 +35,9 @@ func (a *Agent) config() *config {
 		writeTimeout: a.writeTimeout(),
 		errorVar:     a.errorVar(),
 		prefixLen:    len(a.VarPrefix),
+
+		maxNotifyMessages: a.maxNotifyMessages(),
+		maxNotifyArgs:     a.maxNotifyArgs(),
+		logs:              &a.logs,
 	}
 }

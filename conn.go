@@ -116,6 +116,9 @@ func (c *conn) handshake() error {
 	c.maxFrame = negotiateFrameSize(h.maxFrameSize, c.cfg.maxFrameSize)
 	c.rd.maxFrame = c.maxFrame
 	c.caps = h.caps&(capPipelining|capAsync) | capFragmentation
+	if c.caps&capAsync != 0 && !c.agent.engines.admit(h.engineID) {
+		c.caps &^= capAsync // MaxEngines reached
+	}
 	c.engineID = h.engineID
 	c.gather(appendHello(c.outBuf(), frameAgentHello, c.maxFrame, c.caps, ""))
 	if err := c.flush(); err != nil {
@@ -146,7 +149,7 @@ func (c *conn) handshake() error {
 // of its connections.
 func (c *conn) requestContext() context.Context {
 	if c.engine != nil {
-		return c.engine.ctx
+		return c.engine.context()
 	}
 	return c.ctx
 }

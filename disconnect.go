@@ -80,6 +80,7 @@ var (
 	errNoFrameSize        = &protocolError{StatusNoFrameSize, "HAPROXY-HELLO without max-frame-size"}
 	errBadFrameSize       = &protocolError{StatusBadFrameSize, "max-frame-size below 256"}
 	errBadKVType          = &protocolError{StatusInvalidFrame, "HELLO or DISCONNECT value of the wrong type"}
+	errLongEngineID       = &protocolError{StatusInvalidFrame, "engine-id longer than 128 bytes"}
 	errFragmented         = &protocolError{StatusFragmentationNotSupported, "fragmented frame, fragmentation not announced"}
 	errInterlaced         = &protocolError{StatusInterlacedFrames, "frame interlaced with a fragmented NOTIFY"}
 )

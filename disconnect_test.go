@@ -57,6 +57,12 @@ func TestParseDisconnectErrors(t *testing.T) {
 	assert.Error(t, err)
 	_, err = parseDisconnect(unhex(t, "0B 73 74"))
 	assert.Error(t, err)
+	// A UINT32 status-code holding more than 32 bits is refused, not cut
+	// to its low bits (2^32+2 read as 2, "a timeout occurred").
+	_, err = parseDisconnect(appendTypedInt(appendName(nil, "status-code"), TypeUint32, 1<<32+2))
+	assert.ErrorIs(t, err, errIntOverflow)
+	_, err = parseDisconnect(appendTypedInt(appendName(nil, "status-code"), TypeUint64, 1<<32+2))
+	assert.Error(t, err, "a status above 32 bits in a 64-bit type")
 	d, err := parseDisconnect(helloPayload("x", true, "status-code", uint64(42)))
 	require.NoError(t, err, "unknown keys skipped, any integer type")
 	assert.Equal(t, Status(42), d.status)

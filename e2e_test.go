@@ -7,6 +7,7 @@ package spoe_test
 // the test then reads.
 
 import (
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
@@ -58,6 +59,7 @@ func TestE2E(t *testing.T) {
 		t.Run("capabilities", func(t *testing.T) { testCapabilities(t, hp) })
 		if hp.is26() {
 			t.Run("async-reroute", func(t *testing.T) { testAsyncReroute(t, hp) })
+			t.Run("max-engines", func(t *testing.T) { testMaxEngines(t, hp) })
 		}
 		t.Run("big-notify", func(t *testing.T) { testBigNotify(t, hp) })
 	})
@@ -783,6 +785,101 @@ spoe-message held
 	if s := agent.Stats(); s.ACKsRerouted != 1 || s.ACKsDropped != 0 {
 		t.Errorf("ACKsRerouted = %d, ACKsDropped = %d, want 1 and 0", s.ACKsRerouted, s.ACKsDropped)
 	}
+}
+
+// ---------------------------------------------------------------------------
+// i (bonus). MaxEngines reached on 2.6: HAProxy's new engine-id is served
+// without async; HAProxy then runs that connection as pipelining, every
+// request is answered, and a connection that dies under a pending NOTIFY
+// fails that request at once (set-on-error) instead of leaving it waiting
+// for an ACK on a sibling.
+
+func testMaxEngines(t *testing.T, hp haproxyBinary) {
+	started := make(chan struct{}, 1)
+	release := make(chan struct{})
+	agent := startAgent(t, &spoe.Agent{MaxEngines: 1, Handler: spoe.HandlerFunc(func(w *spoe.ActionWriter, r *spoe.Request) error {
+		m, _ := r.Message("held")
+		path, _ := m.Arg("path")
+		if path.Equal("/slow") {
+			started <- struct{}{}
+			select {
+			case <-release:
+			case <-r.Context().Done():
+				return r.Context().Err()
+			}
+		}
+		b, _ := path.Bytes()
+		return w.SetStringBytes(txn, "held", b)
+	})})
+	defer close(release)
+	// Another engine takes the only place.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	filler, err := spoe.Dial(ctx, "tcp", agent.addr, spoe.ClientConfig{Async: true, EngineID: "filler"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer filler.Close()
+
+	h := startHAProxy(t, hp, haproxySetup{
+		AgentAddr:       agent.addr,
+		AgentDirectives: "messages held",
+		SpoeSections: `
+spoe-message held
+    args path=path
+    event on-frontend-http-request
+`,
+		Frontend: "http-after-response set-header x-held %[var(txn.e2e.held)] if { var(txn.e2e.held) -m found }\n" +
+			"http-after-response set-header x-spoe-error %[var(txn.e2e.spoe_error)] if { var(txn.e2e.spoe_error) -m found }",
+	})
+	c := newClient(t, false)
+	for i := 0; i < 5; i++ {
+		expectHeader(t, get(t, c, h.url+"/fast"), "x-held", "/fast")
+	}
+	hellos := agent.tap.agentHellos()
+	if len(hellos) < 2 {
+		t.Fatalf("%d AGENT-HELLOs, want the filler's and HAProxy's", len(hellos))
+	}
+	if hellos[0].capabilities != "pipelining,async,fragmentation" {
+		t.Errorf("filler's AGENT-HELLO capabilities %q", hellos[0].capabilities)
+	}
+	for _, hello := range hellos[1:] {
+		if hello.capabilities != "pipelining,fragmentation" {
+			t.Errorf("HAProxy's AGENT-HELLO capabilities %q, want no async", hello.capabilities)
+		}
+	}
+	if s := agent.Stats(); s.AsyncRefused == 0 {
+		t.Errorf("AsyncRefused = 0")
+	}
+
+	// A pending NOTIFY whose connection dies: without async, HAProxy fails
+	// it at once rather than wait for its ACK elsewhere.
+	answer := make(chan response, 1)
+	go func() {
+		res, err := tryGet(c, h.url+"/slow")
+		if err != nil {
+			res.body = err.Error()
+		}
+		answer <- res
+	}()
+	select {
+	case <-started:
+	case <-time.After(5 * time.Second):
+		t.Fatal("handler for /slow did not start")
+	}
+	for i := 1; i < len(hellos); i++ {
+		agent.tap.conn(i).TCPConn.Close()
+	}
+	select {
+	case res := <-answer:
+		if res.status != 200 || res.header.Get("x-spoe-error") == "" {
+			t.Errorf("/slow: status %d, x-spoe-error %q (%s): want 200 and HAProxy's error", res.status, res.header.Get("x-spoe-error"), res.body)
+		}
+		t.Logf("/slow after its connection died: status %d, x-spoe-error %q", res.status, res.header.Get("x-spoe-error"))
+	case <-time.After(2 * time.Second): // below timeout processing (3 s)
+		t.Error("/slow not answered after its connection died")
+	}
+	expectHeader(t, get(t, c, h.url+"/fast"), "x-held", "/fast")
 }
 
 // ---------------------------------------------------------------------------

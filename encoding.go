@@ -27,7 +27,9 @@ package spoe
 // nibble, followed by its data: nothing for NULL; nothing for BOOL, whose
 // value is flag bit 0; a varint for the four integer types (negative ones as
 // 64-bit two's complement); 4 or 16 bytes for IPv4 and IPv6; a varint length
-// and the bytes for STRING and BINARY. Types 10 to 15 are reserved.
+// and the bytes for STRING and BINARY. Types 10 to 15 are reserved. An
+// INT32 or UINT32 whose varint holds a value its 32 bits cannot (an INT32
+// is sign-extended to 64 bits) is refused, never cut to its low bits.
 //
 // # Names
 //
@@ -48,6 +50,7 @@ var (
 	errTruncated     = errors.New("spoe: truncated data")
 	errVarintTooLong = errors.New("spoe: varint longer than 10 bytes")
 	errUnknownType   = errors.New("spoe: unknown data type")
+	errIntOverflow   = errors.New("spoe: integer out of the range of its 32-bit type")
 )
 
 // maxVarintLen is the longest varint a uint64 needs.
@@ -266,6 +269,9 @@ func readValue(b []byte, off int) (Value, int, error) {
 		if err != nil {
 			return Value{}, next, err
 		}
+		if !fits(v.typ, n) {
+			return Value{}, next, errIntOverflow
+		}
 		v.num, off = n, next
 	case TypeIPv4, TypeIPv6:
 		n := 4
@@ -299,7 +305,13 @@ func skipValue(b []byte, off int) (int, error) {
 	switch t {
 	case TypeNull, TypeBool:
 		return off, nil
-	case TypeInt32, TypeUint32, TypeInt64, TypeUint64:
+	case TypeInt32, TypeUint32:
+		n, next, err := readVarint(b, off)
+		if err == nil && !fits(t, n) {
+			err = errIntOverflow
+		}
+		return next, err
+	case TypeInt64, TypeUint64:
 		return skipVarint(b, off)
 	case TypeIPv4, TypeIPv6:
 		n := 4
@@ -315,6 +327,18 @@ func skipValue(b []byte, off int) (int, error) {
 		return off, err
 	}
 	return off, errUnknownType
+}
+
+// fits reports whether the varint n is a value of the integer type t: an
+// INT32 is a sign-extended int32, a UINT32 a uint32.
+func fits(t Type, n uint64) bool {
+	switch t {
+	case TypeInt32:
+		return int64(n) >= -1<<31 && int64(n) < 1<<31
+	case TypeUint32:
+		return n < 1<<32
+	}
+	return true
 }
 
 // skipVarint steps over the varint at b[off:].

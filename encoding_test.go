@@ -241,12 +241,56 @@ func TestTypedValueErrors(t *testing.T) {
 		{"string length past the end", "08 05 68 69", errTruncated},
 		{"string length varint cut", "08 F0", errTruncated},
 		{"binary 4 GiB length", "09 FF F0 FE FE 7E 00", errTruncated},
+		// 2^32+1000 (varint F8 AF FF FE 7E): refused, not read as 1000.
+		{"uint32 holding 2^32+1000", "03 F8 AF FF FE 7E", errIntOverflow},
+		{"uint32 holding 2^32", "03 F0 F1 FE FE 7E", errIntOverflow},
+		{"int32 holding 2^31", "02 F0 F1 FE FE 3E", errIntOverflow},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			_, _, err := readValue(unhex(t, tt.bytes), 0)
 			assert.ErrorIs(t, err, tt.err)
+			_, err = skipValue(unhex(t, tt.bytes), 0)
+			assert.ErrorIs(t, err, tt.err, "skipValue agrees with readValue")
 		})
+	}
+}
+
+// TestInt32Boundaries: the 32-bit types take exactly their range, their
+// varints checked by readValue and skipValue alike.
+func TestInt32Boundaries(t *testing.T) {
+	tests := []struct {
+		typ Type
+		n   uint64
+		ok  bool
+	}{
+		{TypeUint32, 0, true},
+		{TypeUint32, math.MaxUint32, true},
+		{TypeUint32, math.MaxUint32 + 1, false},
+		{TypeUint32, 1<<32 + 1000, false},
+		{TypeUint32, math.MaxUint64, false},
+		{TypeInt32, math.MaxInt32, true},
+		{TypeInt32, math.MaxInt32 + 1, false},
+		{TypeInt32, uint64(1<<64 - 1<<31), true}, // -2^31
+		{TypeInt32, uint64(1<<64 - 1<<31 - 1), false},
+		{TypeInt32, math.MaxUint32, false}, // not sign-extended
+		{TypeInt64, math.MaxUint64, true},
+		{TypeUint64, 1<<32 + 1000, true},
+	}
+	for _, tt := range tests {
+		b := appendTypedInt(nil, tt.typ, tt.n)
+		v, off, err := readValue(b, 0)
+		next, serr := skipValue(b, 0)
+		if tt.ok {
+			require.NoError(t, err, "%v %d", tt.typ, tt.n)
+			require.NoError(t, serr)
+			assert.Equal(t, len(b), off)
+			assert.Equal(t, len(b), next)
+			assert.Equal(t, tt.n, v.num)
+		} else {
+			assert.ErrorIs(t, err, errIntOverflow, "%v %d", tt.typ, tt.n)
+			assert.ErrorIs(t, serr, errIntOverflow, "%v %d", tt.typ, tt.n)
+		}
 	}
 }
 

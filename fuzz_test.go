@@ -367,8 +367,16 @@ func FuzzTypedValue(f *testing.F) {
 			_, _ = skipValue(b, 0)
 		})
 		if err != nil {
-			check(t, err == errTruncated || err == errVarintTooLong || err == errUnknownType, "error %v", err)
+			check(t, err == errTruncated || err == errVarintTooLong || err == errUnknownType || err == errIntOverflow, "error %v", err)
 			checkEq(t, skipErr, err, "skipValue error")
+			if err == errIntOverflow {
+				// Only a 32-bit type whose varint holds more than 32 bits.
+				typ := Type(b[0] & typeMask)
+				n, _, verr := readVarint(b, 1)
+				check(t, verr == nil, "errIntOverflow on a bad varint: %v", verr)
+				check(t, typ == TypeUint32 && n >= 1<<32 ||
+					typ == TypeInt32 && (int64(n) < math.MinInt32 || int64(n) > math.MaxInt32), "%v %d refused", typ, n)
+			}
 			return
 		}
 		check(t, skipErr == nil, "unexpected error: %v", skipErr)
@@ -394,6 +402,12 @@ func FuzzTypedValue(f *testing.F) {
 			checkBytes(t, data, b[end-len(data):end], "bytes")
 			check(t, v.Equal(string(data)), "v.Equal(string(data))")
 		default: // integers
+			switch v.typ {
+			case TypeUint32:
+				check(t, v.num <= math.MaxUint32, "UINT32 %d taken", v.num)
+			case TypeInt32:
+				check(t, int64(v.num) >= math.MinInt32 && int64(v.num) <= math.MaxInt32, "INT32 %d taken", int64(v.num))
+			}
 			i, iok := v.Int()
 			u, uok := v.Uint()
 			check(t, iok || uok, "an integer reads as int64 or uint64")
@@ -490,7 +504,7 @@ func FuzzKVList(f *testing.F) {
 			}
 		})
 		if err != nil {
-			check(t, err == errTruncated || err == errVarintTooLong || err == errUnknownType, "error %v", err)
+			check(t, err == errTruncated || err == errVarintTooLong || err == errUnknownType || err == errIntOverflow, "error %v", err)
 		}
 		// Decode -> encode -> decode: the same keys and values in order,
 		// and the encoding is then a fixed point.
@@ -605,7 +619,7 @@ func FuzzHello(f *testing.F) {
 		if err != nil {
 			var pe *protocolError
 			if !errors.As(err, &pe) {
-				require.True(t, err == errTruncated || err == errVarintTooLong || err == errUnknownType, "error %v", err)
+				require.True(t, err == errTruncated || err == errVarintTooLong || err == errUnknownType || err == errIntOverflow, "error %v", err)
 			}
 			require.NotEqual(t, StatusNormal, statusOf(err))
 			return
@@ -745,7 +759,7 @@ func FuzzNotify(f *testing.F) {
 		var err error
 		checkAlloc(t, "indexMessages", len(b), 0, 0, func() { err = r.indexMessages(b) })
 		if err != nil {
-			require.True(t, err == errTruncated || err == errVarintTooLong || err == errUnknownType, "error %v", err)
+			require.True(t, err == errTruncated || err == errVarintTooLong || err == errUnknownType || err == errIntOverflow, "error %v", err)
 			return
 		}
 		msgs := iterateMessages(t, r)
@@ -829,7 +843,7 @@ func FuzzDisconnect(f *testing.F) {
 			d, err = parseDisconnect(b)
 		})
 		if err != nil {
-			require.True(t, err == errBadKVType || err == errTruncated || err == errVarintTooLong || err == errUnknownType, "error %v", err)
+			require.True(t, err == errBadKVType || err == errTruncated || err == errVarintTooLong || err == errUnknownType || err == errIntOverflow, "error %v", err)
 			return
 		}
 		_ = d.status.String()

@@ -120,6 +120,9 @@ func parseHAProxyHello(payload []byte) (haproxyHello, error) {
 			if !ok {
 				return haproxyHello{}, errBadKVType
 			}
+			if len(s) > maxEngineID {
+				return haproxyHello{}, errLongEngineID
+			}
 			h.engineID = string(s)
 		case "healthcheck":
 			b, ok := e.value.Bool()

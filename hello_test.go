@@ -1,6 +1,7 @@
 package spoe
 
 import (
+	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -64,8 +65,14 @@ func TestParseHelloErrors(t *testing.T) {
 		{"max-frame-size a string", helloPayload("supported-versions", "2.0", "max-frame-size", "16380"), StatusInvalidFrame},
 		{"capabilities not a string", helloPayload("supported-versions", "2.0", "max-frame-size", uint32(16380), "capabilities", true), StatusInvalidFrame},
 		{"engine-id not a string", helloPayload("supported-versions", "2.0", "max-frame-size", uint32(16380), "engine-id", int64(1)), StatusInvalidFrame},
+		{"engine-id of 129 bytes", helloPayload("supported-versions", "2.0", "max-frame-size", uint32(16380), "engine-id", strings.Repeat("e", 129)), StatusInvalidFrame},
 		{"healthcheck not a bool", helloPayload("supported-versions", "2.0", "max-frame-size", uint32(16380), "healthcheck", "yes"), StatusInvalidFrame},
 		{"truncated", helloPayload("supported-versions", "2.0")[:10], StatusInvalidFrame},
+		// A UINT32 holding 2^32+1000 is refused, not read as 1000.
+		{"max-frame-size uint32 above 32 bits", appendTypedInt(appendName(helloPayload("supported-versions", "2.0"),
+			"max-frame-size"), TypeUint32, 1<<32+1000), StatusInvalidFrame},
+		{"max-frame-size int32 above 32 bits", appendTypedInt(appendName(helloPayload("supported-versions", "2.0"),
+			"max-frame-size"), TypeInt32, 1<<32+16380), StatusInvalidFrame},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -8,6 +8,7 @@ import (
 	"runtime/debug"
 
 	"github.com/pkg/errors"
+	"github.com/sirupsen/logrus"
 )
 
 // A Handler answers the NOTIFY frames HAProxy sends: it reads the messages
@@ -102,8 +103,13 @@ type MessageHandler func(messages []Message) ([]Action, error)
 
 // ServeSPOE decodes r's messages, calls h and writes its actions to w.
 // An action the writer refuses is logged and counted by the agent; the
-// others are still sent.
+// others are still sent. A NOTIFY with more messages or arguments than the
+// agent's MaxNotifyMessages and MaxNotifyArgs is not decoded: h is not
+// called, and the agent answers with its error variable.
 func (h MessageHandler) ServeSPOE(w *ActionWriter, r *Request) error {
+	if err := r.checkDecodeCost(); err != nil {
+		return err
+	}
 	actions, err := h(r.decodeMessages())
 	if err != nil {
 		return err
@@ -124,6 +130,7 @@ func (h MessageHandler) ServeSPOE(w *ActionWriter, r *Request) error {
 // one before, and MessageIterator.Arg steps over the arguments before the
 // one it returns.
 type Request struct {
+	cfg      *config // set by serveNotify: the simple API's limits
 	parent   context.Context
 	ctx      context.Context
 	cancel   context.CancelFunc
@@ -252,6 +259,34 @@ func (r *Request) Message(name string) (MessageIterator, bool) {
 		}
 	}
 	return MessageIterator{}, false
+}
+
+// decodeLimitError is a NOTIFY the simple API does not decode: it has more
+// messages, or arguments in all, than the agent allows.
+type decodeLimitError struct {
+	what         string // "messages" or "arguments"
+	count, limit int
+}
+
+func (e *decodeLimitError) Error() string {
+	return fmt.Sprintf("spoe: NOTIFY of %d %s or more, above the simple API's %d: not decoded", e.count, e.what, e.limit)
+}
+
+// checkDecodeCost bounds what decoding r for the simple API may cost: its
+// messages and arguments are counted, without decoding, against the
+// agent's limits.
+func (r *Request) checkDecodeCost() error {
+	r.check()
+	if limit := r.cfg.maxNotifyMessages; r.nmsgs > limit {
+		return &decodeLimitError{"messages", r.nmsgs, limit}
+	}
+	limit, args := r.cfg.maxNotifyArgs, 0
+	for it := r.Messages(); it.Next(); {
+		if args += it.NumArgs(); args > limit {
+			return &decodeLimitError{"arguments", args, limit}
+		}
+	}
+	return nil
 }
 
 // decodeMessages builds the simple API's messages, with copied values.
@@ -448,6 +483,7 @@ func callHandler(h Handler, w *ActionWriter, r *Request) (err error) {
 // w's ACK. A handler error or panic replaces the actions with the error
 // variable, so that HAProxy's rules see the failure at once.
 func serveNotify(cfg *config, st *stats, w *ActionWriter, r *Request) {
+	r.cfg = cfg
 	err := callHandler(cfg.handler, w, r)
 	if r.cancel != nil {
 		r.cancel()
@@ -457,14 +493,28 @@ func serveNotify(cfg *config, st *stats, w *ActionWriter, r *Request) {
 		w.discardActions()
 		w.err, w.refused = nil, 0
 		var pe *panicError
-		if errors.As(err, &pe) {
+		var le *decodeLimitError
+		if errors.As(err, &le) {
+			st.notifyRefused.Add(1)
+			name := r.firstMessageName()
+			if ok, held := cfg.logs.allow("limit " + name); ok {
+				logHeld(cfg, held, fmt.Sprintf("NOTIFYs of message %q refused for their size", name))
+				requestLog(cfg, r).WithError(err).Warnf("spoe: NOTIFY of message %q refused: answered with the error variable", name)
+			}
+		} else if errors.As(err, &pe) {
 			st.handlerPanics.Add(1)
-			cfg.logger.WithField("stream_id", r.streamID).WithField("frame_id", r.frameID).
-				WithField("stack", string(pe.stack)).Errorf("%v", err)
+			// One stack per logInterval: a panic storm must not flood the log.
+			if ok, held := cfg.logs.allow("panic"); ok {
+				logHeld(cfg, held, "handler panics")
+				requestLog(cfg, r).WithField("stack", string(pe.stack)).Errorf("%v", err)
+			}
 		} else {
 			st.handlerErrors.Add(1)
-			cfg.logger.WithField("stream_id", r.streamID).WithField("frame_id", r.frameID).
-				WithError(err).Error("spoe: handler failed")
+			name := r.firstMessageName()
+			if ok, held := cfg.logs.allow("error " + name); ok {
+				logHeld(cfg, held, fmt.Sprintf("handler errors on message %q", name))
+				requestLog(cfg, r).WithError(err).Errorf("spoe: handler failed on message %q", name)
+			}
 		}
 		if name := cfg.errorVar; name != "" {
 			_ = w.SetBool(VarScopeTransaction, name, true)
@@ -472,7 +522,39 @@ func serveNotify(cfg *config, st *stats, w *ActionWriter, r *Request) {
 	}
 	if w.err != nil {
 		st.actionsRefused.Add(uint64(w.refused))
-		cfg.logger.WithField("stream_id", r.streamID).WithField("frame_id", r.frameID).
-			WithField("refused", w.refused).WithError(w.err).Error("spoe: actions left out of the ACK")
+		name := r.firstMessageName()
+		if ok, held := cfg.logs.allow("refused " + name); ok {
+			logHeld(cfg, held, fmt.Sprintf("ACKs with actions left out on message %q", name))
+			requestLog(cfg, r).WithField("refused", w.refused).WithError(w.err).
+				Errorf("spoe: actions left out of the ACK of message %q", name)
+		}
 	}
+}
+
+// requestLog is the logger for a line about r.
+func requestLog(cfg *config, r *Request) logrus.FieldLogger {
+	return cfg.logger.WithField("stream_id", r.streamID).WithField("frame_id", r.frameID)
+}
+
+// logHeld writes the summary of the lines of one kind the rate limiter held
+// back, before the next one it lets through.
+func logHeld(cfg *config, held uint64, what string) {
+	if held > 0 {
+		cfg.logger.WithField("suppressed", held).
+			Errorf("spoe: %d more %s not logged (at most one line per %v; Stats counts them all)", held, what, cfg.logs.period())
+	}
+}
+
+// firstMessageName names a request in the logs: its first message's name,
+// cut to maxLogKeyLen bytes.
+func (r *Request) firstMessageName() string {
+	it := r.Messages()
+	if !it.Next() {
+		return ""
+	}
+	name := it.name()
+	if len(name) > maxLogKeyLen {
+		name = name[:maxLogKeyLen]
+	}
+	return string(name)
 }

@@ -104,6 +104,9 @@ const (
 	DefaultReadTimeout        = 10 * time.Second
 	DefaultWriteTimeout       = 10 * time.Second
 	DefaultErrorVar           = "error"
+	DefaultMaxEngines         = 4096
+	DefaultMaxNotifyMessages  = 256
+	DefaultMaxNotifyArgs      = 4096
 )
 
 // Agent serves SPOP connections from HAProxy. Its exported fields are its
@@ -135,6 +138,32 @@ type Agent struct {
 	// one connection (HAProxy pipelines at most 20 by default). Zero means
 	// DefaultMaxInFlightPerConn.
 	MaxInFlightPerConn int
+
+	// MaxNotifyMessages and MaxNotifyArgs bound what one NOTIFY may cost
+	// the simple API (MessageHandler) once decoded: a Message with its map
+	// is some 75 bytes, an argument some 80 beyond its value, so that a
+	// NOTIFY of 1 MiB of empty messages would decode to 37 MiB; within the
+	// defaults, the decoded messages cost at most the frame's bytes and
+	// some 0.35 MiB. A NOTIFY
+	// with more messages, or more arguments in all, is not decoded nor
+	// handed to the handler: it is answered at once with the error
+	// variable (see ErrorVar), as a failing handler is, counted in
+	// Stats.NotifyRefused and logged (rate-limited). HAProxy sends one
+	// message per spoe-message of the event or group, each with the
+	// arguments its configuration lists (255 at most). The zero-copy
+	// Handler reads the frame in place and is not bound by them. Zero means
+	// DefaultMaxNotifyMessages and DefaultMaxNotifyArgs.
+	MaxNotifyMessages int
+	MaxNotifyArgs     int
+
+	// MaxEngines limits the HAProxy engines (engine-ids of connections
+	// that negotiated async, HAProxy 2.6 and 3.0) the agent keeps track
+	// of, connected or lingering with ACKs still due. A connection whose
+	// engine-id would be one too many is served without async: HAProxy
+	// then expects its ACKs on that connection only, as with pipelining,
+	// and nothing is refused. HAProxy 2.6 has one engine per SPOE filter
+	// and thread, new at each reload. Zero means DefaultMaxEngines.
+	MaxEngines int
 
 	// ReadTimeout bounds the time from accepting a connection to a complete
 	// HAPROXY-HELLO, and from the first byte of a frame to its last. On
@@ -187,6 +216,7 @@ type Agent struct {
 
 	engines engines
 	stats   stats
+	logs    logLimiter // rate of the handler failure logs
 
 	sched scheduler // handler slots and scheduling policy (sched.go)
 }
@@ -248,6 +278,27 @@ func (a *Agent) maxInFlightPerConn() int64 {
 		return DefaultMaxInFlightPerConn
 	}
 	return int64(a.MaxInFlightPerConn)
+}
+
+func (a *Agent) maxEngines() int {
+	if a.MaxEngines <= 0 {
+		return DefaultMaxEngines
+	}
+	return a.MaxEngines
+}
+
+func (a *Agent) maxNotifyMessages() int {
+	if a == nil || a.MaxNotifyMessages <= 0 {
+		return DefaultMaxNotifyMessages
+	}
+	return a.MaxNotifyMessages
+}
+
+func (a *Agent) maxNotifyArgs() int {
+	if a == nil || a.MaxNotifyArgs <= 0 {
+		return DefaultMaxNotifyArgs
+	}
+	return a.MaxNotifyArgs
 }
 
 func (a *Agent) readTimeout() time.Duration {

@@ -26,6 +26,8 @@ type stats struct {
 	rescues        atomic.Uint64
 	protocolErrors atomic.Uint64
 	notifyTooBig   atomic.Uint64
+	asyncRefused   atomic.Uint64
+	notifyRefused  atomic.Uint64
 
 	disconnectsIn  [numStatusStats]atomic.Uint64
 	disconnectsOut [numStatusStats]atomic.Uint64
@@ -126,6 +128,8 @@ type Stats struct {
 	Rescues        uint64 // handlers that outlasted the inline budget
 	ProtocolErrors uint64 // connections closed for a protocol error
 	NotifyTooBig   uint64 // fragmented NOTIFYs aborted for their size
+	AsyncRefused   uint64 // connections served without async: MaxEngines reached
+	NotifyRefused  uint64 // NOTIFYs the simple API did not decode: MaxNotifyMessages or MaxNotifyArgs
 
 	// DisconnectsIn counts HAProxy's DISCONNECT frames by status code;
 	// DisconnectsOut the agent's.
@@ -197,6 +201,8 @@ func (a *Agent) Stats() Stats {
 		Rescues:        s.rescues.Load(),
 		ProtocolErrors: s.protocolErrors.Load(),
 		NotifyTooBig:   s.notifyTooBig.Load(),
+		AsyncRefused:   s.asyncRefused.Load(),
+		NotifyRefused:  s.notifyRefused.Load(),
 		DisconnectsIn:  statusCounts(&s.disconnectsIn),
 		DisconnectsOut: statusCounts(&s.disconnectsOut),
 	}
