@@ -198,7 +198,7 @@ func TestBindBadTargets(t *testing.T) {
 	var notStruct int
 	var nilPtr *boundArgs
 	type unexported struct {
-		a string `spoe:"a"`
+		a string `spoe:"a"` //lint:ignore U1000 the unexported field Bind must refuse
 	}
 	type badOption struct {
 		A string `spoe:"a,omitempty"`
