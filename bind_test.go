@@ -198,6 +198,7 @@ func TestBindBadTargets(t *testing.T) {
 	var notStruct int
 	var nilPtr *boundArgs
 	type unexported struct {
+		//lint:ignore U1000 the field Bind must refuse: unexported, never set
 		a string `spoe:"a"`
 	}
 	type badOption struct {
