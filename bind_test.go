@@ -198,7 +198,8 @@ func TestBindBadTargets(t *testing.T) {
 	var notStruct int
 	var nilPtr *boundArgs
 	type unexported struct {
-		a string `spoe:"a"` //lint:ignore U1000 the unexported field Bind must refuse
+		//lint:ignore U1000 the field Bind must refuse: unexported, never set
+		a string `spoe:"a"`
 	}
 	type badOption struct {
 		A string `spoe:"a,omitempty"`

@@ -6,6 +6,97 @@ import (
 	"github.com/sirupsen/logrus"
 )
 
+// The Agent's fields read through their defaults, never written back.
+
+func (a *Agent) handler() Handler {
+	if a.Handler == nil {
+		return emptyHandler{}
+	}
+	return a.Handler
+}
+
+type emptyHandler struct{}
+
+func (emptyHandler) ServeSPOE(*ActionWriter, *Request) error { return nil }
+
+func (a *Agent) maxFrameSize() int {
+	switch {
+	case a.MaxFrameSize <= 0:
+		return DefaultMaxFrameSize
+	case a.MaxFrameSize < MinFrameSize:
+		return MinFrameSize
+	case a.MaxFrameSize > 1<<31-1:
+		return 1<<31 - 1
+	}
+	return a.MaxFrameSize
+}
+
+func (a *Agent) maxInFlight() int64 {
+	if a.MaxInFlight <= 0 {
+		return DefaultMaxInFlight
+	}
+	return int64(a.MaxInFlight)
+}
+
+func (a *Agent) maxInFlightPerConn() int64 {
+	if a.MaxInFlightPerConn <= 0 {
+		return DefaultMaxInFlightPerConn
+	}
+	return int64(a.MaxInFlightPerConn)
+}
+
+func (a *Agent) maxEngines() int {
+	if a.MaxEngines <= 0 {
+		return DefaultMaxEngines
+	}
+	return a.MaxEngines
+}
+
+func (a *Agent) maxNotifyMessages() int {
+	if a.MaxNotifyMessages <= 0 {
+		return DefaultMaxNotifyMessages
+	}
+	return a.MaxNotifyMessages
+}
+
+func (a *Agent) maxNotifyArgs() int {
+	if a.MaxNotifyArgs <= 0 {
+		return DefaultMaxNotifyArgs
+	}
+	return a.MaxNotifyArgs
+}
+
+func (a *Agent) readTimeout() time.Duration {
+	if a.ReadTimeout <= 0 {
+		return DefaultReadTimeout
+	}
+	return a.ReadTimeout
+}
+
+func (a *Agent) writeTimeout() time.Duration {
+	if a.WriteTimeout <= 0 {
+		return DefaultWriteTimeout
+	}
+	return a.WriteTimeout
+}
+
+func (a *Agent) errorVar() string {
+	switch a.ErrorVar {
+	case "":
+		return DefaultErrorVar
+	case "-":
+		return ""
+	}
+	return a.ErrorVar
+}
+
+func (a *Agent) logger() logrus.FieldLogger {
+	if a.Logger == nil {
+		return logrus.StandardLogger()
+	}
+	return a.Logger
+}
+
 // config is the Agent's configuration resolved once, when Serve starts:
 // connections read it, never the Agent's fields.
 type config struct {

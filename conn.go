@@ -96,8 +96,8 @@ func (c *conn) serve() {
 
 // handshake reads the HAPROXY-HELLO and answers it.
 func (c *conn) handshake() error {
-	f, err := c.nextFrame()
-	if err != nil {
+	var f frame
+	if err := c.nextFrame(&f); err != nil {
 		return err
 	}
 	switch {
@@ -156,9 +156,9 @@ func (c *conn) requestContext() context.Context {
 
 // loop handles frames until the connection ends or the role moves on.
 func (c *conn) loop() error {
+	var f frame
 	for {
-		f, err := c.nextFrame()
-		if err != nil {
+		if err := c.nextFrame(&f); err != nil {
 			return err
 		}
 		if err := c.onFrame(&f); err != nil {
@@ -167,28 +167,27 @@ func (c *conn) loop() error {
 	}
 }
 
-// nextFrame returns the next whole frame, reading as needed. Before it
-// blocks, it stops the rescue timer, writes the ACKs gathered so far and,
-// with nothing unread, gives idle buffers back.
-func (c *conn) nextFrame() (frame, error) {
+// nextFrame decodes into f the next whole frame, reading as needed.
+// Before it blocks, it stops the rescue timer, writes the ACKs gathered so
+// far and, with nothing unread, gives idle buffers back.
+func (c *conn) nextFrame(f *frame) error {
 	for {
-		f, ok, err := c.rd.buffered()
-		if ok || err != nil {
-			return f, err
+		if ok, err := c.rd.buffered(f); ok || err != nil {
+			return err
 		}
 		c.disarm()
 		if err := c.flush(); err != nil {
-			return frame{}, err
+			return err
 		}
 		idle := c.rd.empty()
 		if idle {
 			c.idle()
 		}
 		if err := c.rd.armDeadline(idle && c.handshaken, c.cfg.readTimeout, c.cfg.idleTimeout); err != nil {
-			return frame{}, err
+			return err
 		}
 		if err := c.rd.fill(); err != nil {
-			return frame{}, err
+			return err
 		}
 	}
 }
@@ -276,8 +275,9 @@ func (c *conn) onDisconnect(f *frame) error {
 // that is not whole by then is left.
 func (c *conn) drain() error {
 	for {
+		var f frame
 		for {
-			f, ok, err := c.rd.buffered()
+			ok, err := c.rd.buffered(&f)
 			if err != nil {
 				return err
 			}

@@ -277,10 +277,14 @@ func (e *decodeLimitError) Error() string {
 // agent's limits.
 func (r *Request) checkDecodeCost() error {
 	r.check()
-	if limit := r.cfg.maxNotifyMessages; r.nmsgs > limit {
-		return &decodeLimitError{"messages", r.nmsgs, limit}
+	maxMsgs, maxArgs := DefaultMaxNotifyMessages, DefaultMaxNotifyArgs
+	if r.cfg != nil { // nil for a Request not served by an Agent
+		maxMsgs, maxArgs = r.cfg.maxNotifyMessages, r.cfg.maxNotifyArgs
 	}
-	limit, args := r.cfg.maxNotifyArgs, 0
+	if r.nmsgs > maxMsgs {
+		return &decodeLimitError{"messages", r.nmsgs, maxMsgs}
+	}
+	limit, args := maxArgs, 0
 	for it := r.Messages(); it.Next(); {
 		if args += it.NumArgs(); args > limit {
 			return &decodeLimitError{"arguments", args, limit}

@@ -72,37 +72,37 @@ func (rd *frameReader) init(src io.Reader, maxFrame int) {
 // empty reports whether no byte is left unread in the buffer.
 func (rd *frameReader) empty() bool { return rd.r == rd.w }
 
-// buffered returns the next frame if it is whole in the buffer (ok). Its
-// LENGTH is checked first: a bad one is an error whatever follows. When the
-// frame is not whole yet, room is made for it.
-func (rd *frameReader) buffered() (f frame, ok bool, err error) {
+// buffered decodes into f the next frame if it is whole in the buffer
+// (ok). Its LENGTH is checked first: a bad one is an error whatever
+// follows. When the frame is not whole yet, room is made for it.
+func (rd *frameReader) buffered(f *frame) (ok bool, err error) {
 	n := rd.w - rd.r
 	if n < lengthSize {
-		return frame{}, false, nil
+		return false, nil
 	}
 	length := binary.BigEndian.Uint32(rd.in.b[rd.r:])
 	if err := checkLength(length, rd.maxFrame); err != nil {
-		return frame{}, false, err
+		return false, err
 	}
 	total := lengthSize + int(length)
 	if n < total {
 		rd.reserve(total)
-		return frame{}, false, nil
+		return false, nil
 	}
 	b := rd.in.b[rd.r+lengthSize : rd.r+total : rd.r+total]
 	rd.r += total
 	rd.frames++
-	f, err = parseFrame(b)
-	return f, err == nil, err
+	*f, err = parseFrame(b)
+	return err == nil, err
 }
 
 // next returns the next frame, reading as needed, without deadlines: the
 // client's way. The frame is a view of the buffer, valid until the next
 // call.
 func (rd *frameReader) next() (frame, error) {
+	var f frame
 	for {
-		f, ok, err := rd.buffered()
-		if ok || err != nil {
+		if ok, err := rd.buffered(&f); ok || err != nil {
 			return f, err
 		}
 		if err := rd.fill(); err != nil {

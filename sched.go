@@ -141,10 +141,15 @@ func (l *limiter) waitBelow(n int64) bool {
 func (l *limiter) release() {
 	l.n.Add(-1)
 	if l.waiters.Load() > 0 {
-		l.mu.Lock()
-		l.cond.Broadcast()
-		l.mu.Unlock()
+		l.wake()
 	}
+}
+
+// wake wakes the waiters to check the count again.
+func (l *limiter) wake() {
+	l.mu.Lock()
+	l.cond.Broadcast()
+	l.mu.Unlock()
 }
 
 // close wakes every waiter, and makes them give up from then on.

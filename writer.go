@@ -166,7 +166,7 @@ func (c *conn) flush() error {
 		return nil
 	}
 	err := c.write(c.out.b, false)
-	if errors.Is(err, errWriteClosed) {
+	if err != nil && errors.Is(err, errWriteClosed) {
 		c.reroute(c.out.b)
 	}
 	c.out.b = c.out.b[:0]
@@ -177,9 +177,15 @@ func (c *conn) flush() error {
 // that fails ends the connection: the frames it did not write are rerouted.
 func (c *conn) write(frames []byte, last bool) error {
 	err := c.wr.write(frames, last)
-	if err == nil {
-		return nil
+	if err != nil {
+		c.writeFailed(err)
 	}
+	return err
+}
+
+// writeFailed ends the connection after a write that failed (a
+// *writeError; errWriteClosed is left to the caller).
+func (c *conn) writeFailed(err error) {
 	if we := (*writeError)(nil); errors.As(err, &we) {
 		if !isNormalEnd(we.err) {
 			c.log().WithError(we.err).Warn("spoe: write failed, closing the connection")
@@ -187,7 +193,6 @@ func (c *conn) write(frames []byte, last bool) error {
 		c.reroute(we.lost)
 		c.closeSocket()
 	}
-	return err
 }
 
 // deliver sends the ACK of a handler that ran out of the reading role: on
