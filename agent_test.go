@@ -19,7 +19,19 @@ import (
 
 // startAgent serves a on a loopback listener and returns its address. The
 // agent is closed, and Serve's return checked, when the test ends.
+//
+// The Client offers what HAProxy 3.1+ offers, to which the agent does not
+// answer "pipelining" by default (agentCaps); these tests are about how
+// the agent handles pipelined frames, so it keeps it here. The default is
+// tested by TestNoPipeliningToHAProxy3 and end to end.
 func startAgent(t testing.TB, a *Agent) string {
+	t.Helper()
+	a.keepPipelining = true
+	return startAgentAsIs(t, a)
+}
+
+// startAgentAsIs is startAgent without keepPipelining set.
+func startAgentAsIs(t testing.TB, a *Agent) string {
 	t.Helper()
 	if a.Logger == nil {
 		l, _ := test.NewNullLogger()

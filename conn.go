@@ -223,7 +223,7 @@ func (c *conn) handshake() error {
 	a := c.agent
 	a.stats.framesIn[frameStat(f.typ)].Add(1)
 	c.maxFrame = negotiateFrameSize(h.maxFrameSize, a.maxFrameSize())
-	c.caps = h.caps&(capPipelining|capAsync) | capFragmentation
+	c.caps = agentCaps(h.caps, a.keepPipelining) // HAProxy 3.1+: see agentCaps
 	c.engineID = h.engineID
 	hello := appendAgentHello(c.outBuf(), c.maxFrame, c.caps)
 	c.out.b = hello[:0]

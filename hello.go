@@ -175,6 +175,34 @@ func negotiateFrameSize(haproxy uint64, agentLimit int) int {
 	return int(n)
 }
 
+// agentCaps returns the capabilities the agent answers to a HAProxy that
+// offered offered: "pipelining" and "async" when offered, "fragmentation"
+// always; but not "pipelining" when HAProxy offered it without "async",
+// as only the 3.1+ multiplexer does (2.6 to 3.0 offer both by default),
+// unless keepPipelining.
+//
+// HAProxy 3.1+ stalls a connection for good when one read fills its demux
+// buffer (mux_spop.c: spop_recv sets SPOP_CF_DEM_DFULL when a read takes
+// all the room of the buffer, tune.bufsize bytes; SPOP_CF_DEM_BLOCK_ANY
+// includes it, so spop_process never demuxes again, and only a demux
+// clears it). With pipelining, up to 20 streams share a connection
+// (spop_init: streams_limit = 20), and their ACKs can pile up unread in
+// HAProxy's socket whatever the agent does: it cannot see HAProxy's reads.
+// Without it, spop_conn_handle_hello sets streams_limit = 1: HAProxy sends
+// the next NOTIFY only once the stream of the previous one is done, that
+// is once its ACK was demuxed, so at most one ACK is ever unread, and an
+// ACK is kept one byte under max-frame-size (ActionWriter.reset), itself
+// at most tune.bufsize - 4: no read can fill the buffer. HAProxy opens
+// more connections instead (as many as concurrent streams, within the
+// server's maxconn, which counts streams anyway).
+func agentCaps(offered capabilities, keepPipelining bool) capabilities {
+	caps := offered&(capPipelining|capAsync) | capFragmentation
+	if offered&capAsync == 0 && !keepPipelining {
+		caps &^= capPipelining
+	}
+	return caps
+}
+
 // appendAgentHello appends a whole AGENT-HELLO frame. capabilities is always
 // present, even empty: HAProxy 3.x's health check fails without it.
 func appendAgentHello(b []byte, maxFrameSize int, caps capabilities) []byte {

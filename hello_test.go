@@ -162,3 +162,26 @@ func TestSupportsVersion20(t *testing.T) {
 		assert.Equal(t, want, supportsVersion20([]byte(s)), "%q", s)
 	}
 }
+
+// TestNoPipeliningToHAProxy3: HAProxy 3.1+ offers "pipelining" without
+// "async"; the agent answers without "pipelining" (HAProxy then runs one
+// stream per connection, which keeps it out of its demux-buffer stall),
+// and keeps what 2.6 to 3.0 offer (both).
+func TestNoPipeliningToHAProxy3(t *testing.T) {
+	for _, tt := range []struct {
+		offered, want string
+		keep          bool
+	}{
+		{"pipelining", "fragmentation", false},
+		{"pipelining", "pipelining,fragmentation", true},
+		{"pipelining,async", "pipelining,async,fragmentation", false},
+		{"async", "async,fragmentation", false},
+		{"", "fragmentation", false},
+	} {
+		addr := startAgentAsIs(t, &Agent{keepPipelining: tt.keep})
+		h := dialRaw(t, addr).hello(tt.offered, "e1", 16380)
+		if !h["capabilities"].Equal(tt.want) {
+			t.Errorf("HAProxy offers %q (keep %v): agent answers %v, want %q", tt.offered, tt.keep, h["capabilities"], tt.want)
+		}
+	}
+}

@@ -171,6 +171,10 @@ type Agent struct {
 	// nanoseconds: when handlers are slow, frames go to goroutines of their
 	// own at once rather than run inline.
 	handlerTime atomic.Int64
+
+	// keepPipelining answers "pipelining" to HAProxy 3.1+ too (see
+	// agentCaps); set by tests only, which show HAProxy's stall with it.
+	keepPipelining bool
 }
 
 // New returns an Agent that answers NOTIFY frames with handler.
