@@ -463,7 +463,9 @@ func TestGoldenSession(t *testing.T) {
 				assert.Equal(t, flagFin, ack.flags)
 				assert.Equal(t, f.streamID, ack.streamID, "stream-id echoed")
 				assert.Equal(t, f.frameID, ack.frameID, "frame-id echoed")
-				assert.Empty(t, ack.payload)
+				// No actions: one NOOP action byte, not an empty payload
+				// (HAProxy 3.1.0 ignores an empty ACK; see actionNoop).
+				assert.Equal(t, []byte{actionNoop}, ack.payload)
 			}
 			assert.Equal(t, []string{"ip-rep", "echo", "m_one", "m_two", "m_three"}, got)
 			disc := "haproxy-disconnect-status0.bin"
