@@ -430,6 +430,18 @@ func TestHealthCheck(t *testing.T) {
 		assert.Equal(t, flagFin, f.flags, "3.x demands flags exactly FIN")
 		assert.Zero(t, f.streamID)
 		assert.Zero(t, f.frameID)
+		// The protocol's minimum, which every version's check accepts
+		// whatever its tune.bufsize (see helloFrameSize).
+		var n uint64
+		for off := 0; off < len(f.payload); {
+			e, next, err := readKV(f.payload, off)
+			require.NoError(t, err)
+			if string(e.key) == "max-frame-size" {
+				n, _ = e.value.Uint()
+			}
+			off = next
+		}
+		assert.Equal(t, uint64(MinFrameSize), n)
 		p.expectClosed()
 	}
 	assert.Equal(t, uint64(2), a.Stats().Healthchecks)

@@ -222,7 +222,7 @@ func (c *conn) handshake() error {
 	}
 	a := c.agent
 	a.stats.framesIn[frameStat(f.typ)].Add(1)
-	c.maxFrame = negotiateFrameSize(h.maxFrameSize, a.maxFrameSize())
+	c.maxFrame = helloFrameSize(h, a.maxFrameSize())
 	c.caps = agentCaps(h.caps, a.keepPipelining) // HAProxy 3.1+: see agentCaps
 	c.engineID = h.engineID
 	hello := appendAgentHello(c.outBuf(), c.maxFrame, c.caps)

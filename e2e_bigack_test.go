@@ -26,6 +26,7 @@ type bigAnswerLoad struct {
 	clients    int
 	duration   time.Duration
 	pipelining bool // the agent answers "pipelining" to 3.1+ too (spoe.KeepPipelining)
+	noMaxconn  bool // the agents' server line without "maxconn 2"
 }
 
 // bigAnswerResult counts the requests of a run.
@@ -77,6 +78,10 @@ func runBigAnswers(t *testing.T, hp haproxyBinary, load bigAnswerLoad) bigAnswer
 		spoe.KeepPipelining(a)
 	}
 	agent := startAgent(t, a)
+	serverOptions := "maxconn 2"
+	if load.noMaxconn {
+		serverOptions = ""
+	}
 	h := startHAProxy(t, hp, haproxySetup{
 		AgentAddr:       agent.addr,
 		AgentDirectives: "messages big",
@@ -87,7 +92,7 @@ spoe-message big
 `,
 		Frontend: "http-after-response set-header x-big-len %[var(txn.e2e.big),length] if { var(txn.e2e.big) -m found }\n" +
 			"http-after-response set-header x-spoe-error %[var(txn.e2e.spoe_error)] if { var(txn.e2e.spoe_error) -m found }",
-		ServerOptions: "maxconn 2",
+		ServerOptions: serverOptions,
 	})
 
 	var res bigAnswerResult

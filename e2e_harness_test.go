@@ -603,6 +603,8 @@ type haproxySetup struct {
 	ServerOptions string
 	// Extra is appended to haproxy.cfg (more backends...).
 	Extra string
+	// Global holds extra lines of the global section (tune.bufsize...).
+	Global string
 }
 
 // haproxyInstance is a running HAProxy.
@@ -634,6 +636,7 @@ const haproxyConfTemplate = `global
     nbthread 1
     stats socket %[1]s mode 600 level admin
     log stderr format raw local0 info
+%[11]s
 
 defaults
     mode http
@@ -671,7 +674,7 @@ func writeHAProxyConfig(t testing.TB, hp haproxyBinary, dir string, s haproxySet
 	port := freePort(t)
 	writeFile(t, spoeConf, fmt.Sprintf(spoeConfTemplate, indent(s.AgentDirectives), s.SpoeSections))
 	cfg := fmt.Sprintf(haproxyConfTemplate, statsSock, port, spoeConf, indent(s.Frontend), appAddr,
-		hp.spoeBackendMode(), indent(s.AgentBackend), s.AgentAddr, s.ServerOptions, s.Extra)
+		hp.spoeBackendMode(), indent(s.AgentBackend), s.AgentAddr, s.ServerOptions, s.Extra, indent(s.Global))
 	cfgPath := filepath.Join(dir, "haproxy.cfg")
 	writeFile(t, cfgPath, cfg)
 	return cfgPath, port, statsSock

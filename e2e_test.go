@@ -37,7 +37,11 @@ func TestE2E(t *testing.T) {
 		t.Run("response-event", func(t *testing.T) { testResponseEvent(t, hp) })
 		t.Run("unset-var", func(t *testing.T) { testUnsetVar(t, hp) })
 		t.Run("handler-errors", func(t *testing.T) { testHandlerErrors(t, hp) })
-		t.Run("spop-check", func(t *testing.T) { testSpopCheck(t, hp) })
+		t.Run("spop-check", func(t *testing.T) { testSpopCheck(t, hp, "") })
+		// 3.x's check announces 16380 whatever tune.bufsize is and fails
+		// an answer above tune.bufsize - 4: the agent answers a check
+		// with 256 (see helloFrameSize).
+		t.Run("spop-check-bufsize-8192", func(t *testing.T) { testSpopCheck(t, hp, "tune.bufsize 8192") })
 		t.Run("pipelining", func(t *testing.T) {
 			// 2.6 to 3.0 open another connection whenever no idle one
 			// is left: the burst gets one per request. So does 3.1+, to
@@ -514,7 +518,7 @@ http-after-response set-header x-spoe-error %[var(txn.e2e.spoe_error)] if { var(
 // ---------------------------------------------------------------------------
 // g. option spop-check marks the agent's server UP.
 
-func testSpopCheck(t *testing.T, hp haproxyBinary) {
+func testSpopCheck(t *testing.T, hp haproxyBinary, global string) {
 	agent := startAgent(t, &spoe.Agent{Handler: spoe.HandlerFunc(func(w *spoe.ActionWriter, r *spoe.Request) error {
 		return w.SetString(txn, "checked", "yes")
 	})})
@@ -538,6 +542,7 @@ spoe-message ping
     option spop-check
     server dead 127.0.0.1:%d check inter 100ms rise 1 fall 1
 `, hp.spoeBackendMode(), deadPort),
+		Global: global,
 	})
 
 	var agentRow, deadRow map[string]string

@@ -147,14 +147,17 @@ func stringValue(v Value) ([]byte, bool) {
 	return v.data, v.typ == TypeString
 }
 
-// supportsVersion20 reports whether a comma-separated version list holds
-// 2.0. Spaces are ignored and the minor version may have extra zeros
-// ("2.00"), as HAProxy's own parser allows.
+// supportsVersion20 reports whether a comma-separated version list implies
+// 2.0: it holds 2.<minor>, as a version implies the earlier minors of its
+// major (doc/SPOE.txt, "supported-versions": "When a major version is
+// announced by HAProxy, it means it also support all previous minor
+// versions"), so "2.0,2.1" and "2.1" do. Spaces are ignored and the minor
+// may have extra zeros ("2.00"), as HAProxy's own parser allows.
 func supportsVersion20(list []byte) bool {
 	for _, item := range strings.Split(string(list), ",") {
 		item = strings.TrimSpace(item)
 		major, minor, ok := strings.Cut(item, ".")
-		if !ok || major != "2" || minor == "" || strings.Trim(minor, "0") != "" {
+		if !ok || major != "2" || minor == "" || strings.Trim(minor, "0123456789") != "" {
 			continue
 		}
 		return true
@@ -201,6 +204,20 @@ func agentCaps(offered capabilities, keepPipelining bool) capabilities {
 		caps &^= capPipelining
 	}
 	return caps
+}
+
+// helloFrameSize returns the max-frame-size the agent answers to h: the
+// negotiated one (negotiateFrameSize), but the protocol's minimum to a
+// health check. HAProxy 3.x's check (tcpcheck.c, tcpcheck_spop_expect_
+// agenthello) announces 16380 whatever tune.bufsize is and fails an answer
+// above tune.bufsize - 4, so that with "tune.bufsize 8192" the negotiated
+// answer would put a working agent DOWN; 256 (SPOP_MIN_FRAME_SIZE) is
+// accepted by every version, and a health check sends no other frame.
+func helloFrameSize(h haproxyHello, agentLimit int) int {
+	if h.healthcheck {
+		return MinFrameSize
+	}
+	return negotiateFrameSize(h.maxFrameSize, agentLimit)
 }
 
 // appendAgentHello appends a whole AGENT-HELLO frame. capabilities is always
