@@ -39,11 +39,13 @@ spoe-message empty
 			took := time.Since(start)
 			expectNoHeader(t, r, "x-spoe-error")
 			expectHeader(t, r, "x-before", "kept")
-			if took > time.Second {
+			if took > 2*time.Second { // "timeout processing" is 3s; a loaded machine may take 1s
 				t.Errorf("request %d took %v: the empty answer did not reach HAProxy at once", i, took)
 			}
 		}
-		if s := agent.Stats(); s.FramesOut.ACK != 5 {
+		s := agent.Stats()
+		t.Logf("HAProxy %s: 5 requests on %d agent connections", hp.version, s.ConnsTotal)
+		if s.FramesOut.ACK != 5 {
 			t.Errorf("agent wrote %d ACKs, want 5", s.FramesOut.ACK)
 		}
 	})
