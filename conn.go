@@ -315,26 +315,20 @@ func (c *conn) onNotify(f *frame) error {
 
 func (c *conn) onUnset(f *frame) error {
 	if !c.frag.matches(f) {
-		if c.frag.active {
+		if c.frag.active && !c.frag.stray(f) {
 			return errInterlaced
 		}
-		return nil // nothing to continue or abort: ignored
+		return nil // nothing to continue or abort, or of an aborted NOTIFY: ignored
 	}
 	if f.abort() {
 		c.frag.end()
 		return nil
 	}
-	if !c.frag.dropping {
-		c.frag.buf = append(c.frag.buf, f.payload...)
-		if err := c.checkReassembly(); err != nil {
-			return err
-		}
+	c.frag.buf = append(c.frag.buf, f.payload...)
+	if err := c.checkReassembly(); err != nil || !c.frag.active {
+		return err // aborted: the rest of it is ignored
 	}
 	if !f.fin() {
-		return nil
-	}
-	if c.frag.dropping {
-		c.frag.end()
 		return nil
 	}
 	if err := c.handle(c.frag.streamID, c.frag.frameID, c.frag.buf); err != nil {
@@ -348,7 +342,10 @@ func (c *conn) onUnset(f *frame) error {
 const maxReassembled = 1 << 20
 
 // checkReassembly answers a NOTIFY that grew too big with an aborting ACK
-// (HAProxy then fails that event) and ignores the rest of its fragments.
+// (HAProxy then fails that event) and ends its transfer there: HAProxy 2.6
+// sends no fragment with ABORT after it, and the next NOTIFY would else be
+// taken for an interlaced frame. Its fragments still on their way are
+// ignored (reassembly.stray).
 func (c *conn) checkReassembly() error {
 	if len(c.frag.buf) <= maxReassembled {
 		return nil
@@ -359,8 +356,7 @@ func (c *conn) checkReassembly() error {
 	b, start := appendFrameHeader(c.outBuf(), frameAck, flagFin|flagAbort, c.frag.streamID, c.frag.frameID)
 	finishFrame(b, start)
 	c.out.b = b
-	c.frag.dropping = true
-	c.frag.buf = c.frag.buf[:0]
+	c.frag.abort()
 	return nil
 }
 
@@ -541,7 +537,7 @@ func (c *conn) rescue() {
 	} else {
 		c.in, c.r, c.w = nil, 0, 0
 	}
-	c.frag = reassembly{}
+	c.frag = c.frag.detached()
 	c.ex = nil
 	c.timerArmed.Store(false) // armed again by the next inline handler
 	c.state.Store(s&^(stateInline|stateRescuing) + stateSeq)

@@ -1125,9 +1125,11 @@ var fillerFrames = maxReassembled/fillerChunk + 1
 
 // fragModel is what the agent must do with a program, from SPOP.md §7.
 type fragModel struct {
-	active, dropping bool
-	sid, fid         uint64
-	buf              []byte
+	active     bool
+	sid, fid   uint64
+	buf        []byte
+	aborted    bool   // a NOTIFY was answered with an aborting ACK:
+	asid, afid uint64 // its later fragments are ignored
 
 	payloads [][]byte // handler calls, in order
 	acks     []ackKey // ACKs, in order
@@ -1158,15 +1160,14 @@ func (m *fragModel) handle(sid, fid uint64, p []byte) {
 }
 
 // add joins data to the NOTIFY; past maxReassembled it is answered with an
-// aborting ACK and the rest of it ignored.
+// aborting ACK and its transfer ends (HAProxy 2.6 sends no ABORT after
+// it); its later fragments are ignored, even amid another NOTIFY.
 func (m *fragModel) add(data []byte) {
-	if m.dropping {
-		return
-	}
 	m.buf = append(m.buf, data...)
 	if len(m.buf) > maxReassembled {
 		m.acks = append(m.acks, ackKey{m.sid, m.fid, true})
-		m.dropping, m.buf = true, nil
+		m.active, m.buf = false, nil
+		m.aborted, m.asid, m.afid = true, m.sid, m.fid
 	}
 }
 
@@ -1184,23 +1185,23 @@ func (m *fragModel) frame(typ frameType, flags uint32, sid, fid uint64, data []b
 		case fin:
 			m.handle(sid, fid, data)
 		default:
-			m.active, m.dropping, m.sid, m.fid, m.buf = true, false, sid, fid, nil
+			m.active, m.sid, m.fid, m.buf = true, sid, fid, nil
 			m.add(data)
 		}
 	case frameUnset:
+		matches := m.active && sid == m.sid && fid == m.fid
 		switch {
+		case !matches && m.aborted && sid == m.asid && fid == m.afid: // of the aborted one: ignored
 		case !m.active: // nothing to continue: ignored
-		case sid != m.sid || fid != m.fid:
+		case !matches:
 			m.fail(StatusInterlacedFrames)
 		case abort:
 			m.active = false
 		default:
 			m.add(data)
-			if fin {
+			if fin && m.active {
 				m.active = false
-				if !m.dropping {
-					m.handle(m.sid, m.fid, m.buf)
-				}
+				m.handle(m.sid, m.fid, m.buf)
 			}
 		}
 	}

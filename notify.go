@@ -427,14 +427,20 @@ func (a *ArgIterator) Value() Value { return a.value }
 // ABORT ends it without an ACK.
 type reassembly struct {
 	active   bool
-	dropping bool // too big: answered with an aborting ACK, rest ignored
 	streamID uint64
 	frameID  uint64
 	buf      []byte
+
+	// The NOTIFY last answered with an aborting ACK (too big): HAProxy 2.6
+	// fails that event and forgets it without sending a fragment with
+	// ABORT, but fragments of it already on their way still come; they
+	// are ignored, even amid another NOTIFY's.
+	aborted                bool
+	abortedSID, abortedFID uint64
 }
 
 func (ra *reassembly) start(f *frame) {
-	ra.active, ra.dropping = true, false
+	ra.active = true
 	ra.streamID, ra.frameID = f.streamID, f.frameID
 	ra.buf = append(ra.buf[:0], f.payload...)
 }
@@ -445,12 +451,30 @@ func (ra *reassembly) matches(f *frame) bool {
 
 // end forgets the NOTIFY and lets go of a buffer grown past the usual size.
 func (ra *reassembly) end() {
-	ra.active, ra.dropping = false, false
+	ra.active = false
 	if cap(ra.buf) > 64<<10 {
 		ra.buf = nil
 	} else {
 		ra.buf = ra.buf[:0]
 	}
+}
+
+// abort ends the NOTIFY, answered with an aborting ACK: its later
+// fragments are strays.
+func (ra *reassembly) abort() {
+	ra.aborted, ra.abortedSID, ra.abortedFID = true, ra.streamID, ra.frameID
+	ra.end()
+}
+
+// stray reports whether f is a fragment of the NOTIFY last aborted.
+func (ra *reassembly) stray(f *frame) bool {
+	return ra.aborted && f.streamID == ra.abortedSID && f.frameID == ra.abortedFID
+}
+
+// detached is the state a rescuer starts from: no NOTIFY under way (its
+// buffer stays with the slow handler), the aborted one still known.
+func (ra *reassembly) detached() reassembly {
+	return reassembly{aborted: ra.aborted, abortedSID: ra.abortedSID, abortedFID: ra.abortedFID}
 }
 
 // panicError is a recovered handler panic, with its stack.
