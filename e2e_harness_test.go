@@ -783,8 +783,15 @@ func startHAProxy(t testing.TB, hp haproxyBinary, s haproxySetup) *haproxyInstan
 			return false
 		}
 		c.Close()
+		// The stats socket may come a moment after the frontend (seen
+		// on 2.8): the tests' serverStat needs it.
+		c, err = net.DialTimeout("unix", statsSock, time.Second)
+		if err != nil {
+			return false
+		}
+		c.Close()
 		return true
-	}, "HAProxy's frontend to accept connections on "+addr)
+	}, "HAProxy's frontend to accept connections on "+addr+" and its stats socket")
 	return h
 }
 
