@@ -863,3 +863,43 @@ func notifyNamed(name string, sid, fid uint64) []byte {
 	payload, _ := appendMessages(nil, []ClientMessage{{Name: name}})
 	return rawFrame(frameNotify, flagFin, sid, fid, payload)
 }
+
+// TestOversizedNotifyFailsOneEvent: HAProxy 3.1.0 may send a NOTIFY above
+// the max-frame-size the agent answered (not above its own). The agent
+// answers it like a failed handler (the error variable) and skips it; the
+// connection goes on. Above HAProxy's own size it is still a protocol
+// error.
+func TestOversizedNotifyFailsOneEvent(t *testing.T) {
+	a := New(seedHandler)
+	a.MaxFrameSize = 256
+	p := dialRaw(t, startAgent(t, a))
+	h := p.hello("pipelining", "", 16380)
+	n, _ := h["max-frame-size"].Uint()
+	require.Equal(t, uint64(256), n)
+
+	big, err := appendMessages(nil, []ClientMessage{{Name: "ip-rep", Args: []Arg{
+		{Name: "ip", Value: net.IP{10, 0, 0, 1}}, {Name: "pad", Value: strings.Repeat("x", 3000)}}}})
+	require.NoError(t, err)
+	p.send(rawFrame(frameNotify, flagFin, 3, 1, big))
+	ack := p.next()
+	require.Equal(t, frameAck, ack.typ)
+	assert.Equal(t, uint64(3), ack.streamID)
+	actions, err := decodeActions(ack.payload)
+	require.NoError(t, err)
+	assert.Equal(t, []Action{ActionSetVar{Name: DefaultErrorVar, Scope: VarScopeTransaction, Value: true}}, actions)
+
+	small, err := appendMessages(nil, []ClientMessage{ipRep(net.IP{10, 0, 0, 3})})
+	require.NoError(t, err)
+	p.send(rawFrame(frameNotify, flagFin, 5, 1, small))
+	ack = p.next()
+	require.Equal(t, frameAck, ack.typ)
+	assert.Equal(t, uint64(5), ack.streamID)
+	actions, err = decodeActions(ack.payload)
+	require.NoError(t, err)
+	assert.Equal(t, []Action{ActionSetVar{Name: "reputation", Scope: VarScopeSession, Value: "0.75"}}, actions)
+	assert.Equal(t, uint64(1), a.Stats().NotifyTooBig)
+
+	// Above HAProxy's own max-frame-size: the connection ends.
+	p.send(rawFrame(frameNotify, flagFin, 7, 1, make([]byte, 16381)))
+	p.expectDisconnect(StatusFrameTooBig)
+}

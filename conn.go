@@ -94,11 +94,15 @@ type conn struct {
 	refs  atomic.Int32    // the loop role and each detached handler
 
 	// Set by the handshake, read-only after.
-	maxFrame   int
-	caps       capabilities
-	engineID   string
-	handshaken bool
-	helloSent  bool
+	maxFrame int
+	caps     capabilities
+	// HAProxy's announced max-frame-size, and the bytes of an oversized
+	// NOTIFY still to skip (see oversized).
+	haproxyMaxFrame uint64
+	skip            int
+	engineID        string
+	handshaken      bool
+	helloSent       bool
 
 	// Guarded by lifeMu: set by the handshake, read by closeSocket.
 	lifeMu sync.Mutex
@@ -223,6 +227,7 @@ func (c *conn) handshake() error {
 	a := c.agent
 	a.stats.framesIn[frameStat(f.typ)].Add(1)
 	c.maxFrame = helloFrameSize(h, a.maxFrameSize())
+	c.haproxyMaxFrame = h.maxFrameSize
 	c.caps = agentCaps(h.caps, a.keepPipelining) // HAProxy 3.1+: see agentCaps
 	c.engineID = h.engineID
 	hello := appendAgentHello(c.outBuf(), c.maxFrame, c.caps)
@@ -637,19 +642,30 @@ func (c *conn) waitInflightBelow(limit int32) bool {
 // blocks, it writes the ACKs gathered so far and gives idle buffers back.
 func (c *conn) nextFrame() (frame, error) {
 	for {
-		if n := c.w - c.r; n >= lengthSize {
+		if c.skip > 0 {
+			c.skipping() // an oversized NOTIFY: see oversized
+		}
+		if n := c.w - c.r; c.skip == 0 && n >= lengthSize {
 			length := binary.BigEndian.Uint32(c.in.b[c.r:])
 			if err := checkLength(length, c.maxFrame); err != nil {
-				return frame{}, err
+				skip, err := c.oversized(length, err)
+				if err != nil {
+					return frame{}, err
+				}
+				if skip {
+					continue
+				}
+				// Else read on: its header is not all there yet.
+			} else {
+				total := lengthSize + int(length)
+				if n >= total {
+					b := c.in.b[c.r+lengthSize : c.r+total : c.r+total]
+					c.r += total
+					c.frames++
+					return parseFrame(b)
+				}
+				c.reserve(total)
 			}
-			total := lengthSize + int(length)
-			if n >= total {
-				b := c.in.b[c.r+lengthSize : c.r+total : c.r+total]
-				c.r += total
-				c.frames++
-				return parseFrame(b)
-			}
-			c.reserve(total)
 		}
 		c.disarm()
 		if err := c.flush(); err != nil {
