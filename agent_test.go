@@ -903,3 +903,45 @@ func TestOversizedNotifyFailsOneEvent(t *testing.T) {
 	p.send(rawFrame(frameNotify, flagFin, 7, 1, make([]byte, 16381)))
 	p.expectDisconnect(StatusFrameTooBig)
 }
+
+// TestFragmentAbortedThenNext: what HAProxy 2.6 does after the agent's
+// aborting ACK for a NOTIFY grown past maxReassembled: it fails the event
+// and sends nothing more of it, not even an ABORT fragment; fragments of it
+// already on their way still come, possibly amid the next NOTIFY's. The
+// next NOTIFYs must be answered, the strays ignored.
+func TestFragmentAbortedThenNext(t *testing.T) {
+	a := New(seedHandler)
+	a.MaxFrameSize = 16380
+	p := dialRaw(t, startAgent(t, a))
+	p.hello("pipelining,async", "e1", 16380)
+
+	chunk := make([]byte, 16000)
+	p.send(rawFrame(frameNotify, 0, 1, 1, chunk))
+	for i := 0; i < maxReassembled/len(chunk)+1; i++ {
+		p.send(rawFrame(frameUnset, 0, 1, 1, chunk))
+	}
+	ack := p.next()
+	require.Equal(t, frameAck, ack.typ)
+	require.True(t, ack.abort(), "aborting ACK")
+	assert.Equal(t, uint64(1), ack.streamID)
+
+	small, err := appendMessages(nil, []ClientMessage{ipRep(net.IP{10, 0, 0, 3})})
+	require.NoError(t, err)
+	// The next NOTIFY, whole: answered.
+	p.send(rawFrame(frameNotify, flagFin, 2, 1, small))
+	ack = p.next()
+	require.Equal(t, frameAck, ack.typ)
+	assert.Equal(t, uint64(2), ack.streamID)
+	assert.False(t, ack.abort())
+	// Another in fragments, with a stray of the aborted one amid them.
+	p.send(rawFrame(frameNotify, 0, 3, 1, small[:4]))
+	p.send(rawFrame(frameUnset, 0, 1, 1, chunk))
+	p.send(rawFrame(frameUnset, flagFin, 3, 1, small[4:]))
+	ack = p.next()
+	require.Equal(t, frameAck, ack.typ)
+	assert.Equal(t, uint64(3), ack.streamID)
+	actions, err := decodeActions(ack.payload)
+	require.NoError(t, err)
+	assert.Equal(t, []Action{ActionSetVar{Name: "reputation", Scope: VarScopeSession, Value: "0.75"}}, actions)
+	assert.Zero(t, a.Stats().ProtocolErrors)
+}
