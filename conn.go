@@ -100,6 +100,7 @@ type conn struct {
 	// NOTIFY still to skip (see oversized).
 	haproxyMaxFrame uint64
 	skip            int
+	muxEngine       bool // HAProxy 3.1+ (see goodbye)
 	engineID        string
 	handshaken      bool
 	helloSent       bool
@@ -228,6 +229,7 @@ func (c *conn) handshake() error {
 	a.stats.framesIn[frameStat(f.typ)].Add(1)
 	c.maxFrame = helloFrameSize(h, a.maxFrameSize())
 	c.haproxyMaxFrame = h.maxFrameSize
+	c.muxEngine = muxEngine(h.caps)
 	c.caps = agentCaps(h.caps, a.keepPipelining) // HAProxy 3.1+: see agentCaps
 	c.engineID = h.engineID
 	hello := appendAgentHello(c.outBuf(), c.maxFrame, c.caps)
@@ -1004,7 +1006,7 @@ func (c *conn) end(err error) {
 		_ = c.flush()
 		c.waitInflightBelow(1)
 		if c.helloSent {
-			c.disconnect(StatusNormal, StatusNormal.String())
+			c.goodbye()
 		}
 		c.linger()
 	case err == errHealthcheck || err == errPeerClosed:

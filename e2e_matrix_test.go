@@ -5,6 +5,7 @@ package spoe_test
 
 import (
 	"bytes"
+	"context"
 	"io"
 	"net/http"
 	"testing"
@@ -133,5 +134,68 @@ spoe-message body
 		if s.ConnsTotal != connsBefore {
 			t.Logf("HAProxy opened %d more agent connections", s.ConnsTotal-connsBefore)
 		}
+	})
+}
+
+// TestE2EACKsBeforeShutdown: ACKs the agent writes just before its
+// AGENT-DISCONNECT (Shutdown while handlers run) must reach HAProxy.
+// HAProxy 3.1.0 lets a connection error override ACKs already received
+// (fixed in 3.2-dev): this checks that on every version the events whose
+// handlers were running when Shutdown began get their variables.
+func TestE2EACKsBeforeShutdown(t *testing.T) {
+	forEachHAProxy(t, func(t *testing.T, hp haproxyBinary) {
+		started := make(chan struct{}, 16)
+		a := &spoe.Agent{Handler: spoe.HandlerFunc(func(w *spoe.ActionWriter, r *spoe.Request) error {
+			started <- struct{}{}
+			timer := time.NewTimer(300 * time.Millisecond) // the handler's own work
+			defer timer.Stop()
+			select {
+			case <-timer.C:
+			case <-r.Context().Done():
+			}
+			return w.SetString(txn, "done", "yes")
+		})}
+		agent := startAgent(t, a)
+		h := startHAProxy(t, hp, haproxySetup{
+			AgentAddr:       agent.addr,
+			AgentDirectives: "messages slow",
+			SpoeSections: `
+spoe-message slow
+    args src
+    event on-frontend-http-request
+`,
+			Frontend: "http-after-response set-header x-done %[var(txn.e2e.done)] if { var(txn.e2e.done) -m found }\n" +
+				"http-after-response set-header x-spoe-error %[var(txn.e2e.spoe_error)] if { var(txn.e2e.spoe_error) -m found }",
+		})
+		const n = 4
+		results := make(chan response, n)
+		for i := 0; i < n; i++ {
+			go func() {
+				r, err := tryGet(newClient(t, false), h.url+"/slow")
+				if err != nil {
+					t.Errorf("GET: %v", err)
+				}
+				results <- r
+			}()
+		}
+		for i := 0; i < n; i++ {
+			select {
+			case <-started:
+			case <-time.After(5 * time.Second):
+				t.Fatalf("only %d of %d handlers started", i, n)
+			}
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if err := agent.Shutdown(ctx); err != nil {
+			t.Errorf("Shutdown: %v", err)
+		}
+		for i := 0; i < n; i++ {
+			r := <-results
+			expectHeader(t, r, "x-done", "yes")
+			expectNoHeader(t, r, "x-spoe-error")
+		}
+		s := agent.Stats()
+		t.Logf("HAProxy %s: %d ACKs on %d connections, AGENT-DISCONNECT %v", hp.version, s.FramesOut.ACK, s.ConnsTotal, s.DisconnectsOut)
 	})
 }

@@ -200,10 +200,17 @@ func negotiateFrameSize(haproxy uint64, agentLimit int) int {
 // server's maxconn, which counts streams anyway).
 func agentCaps(offered capabilities, keepPipelining bool) capabilities {
 	caps := offered&(capPipelining|capAsync) | capFragmentation
-	if offered&capAsync == 0 && !keepPipelining {
+	if muxEngine(offered) && !keepPipelining {
 		caps &^= capPipelining
 	}
 	return caps
+}
+
+// muxEngine reports whether a HAProxy that offered offered runs the 3.1+
+// multiplexer (mux_spop.c): it offers "pipelining" but never "async",
+// which 2.6 to 3.0 offer by default.
+func muxEngine(offered capabilities) bool {
+	return offered&capPipelining != 0 && offered&capAsync == 0
 }
 
 // helloFrameSize returns the max-frame-size the agent answers to h: the
