@@ -54,6 +54,14 @@ const maxVarNameLen = 63
 
 // Action codes of an ACK's LIST-OF-ACTIONS.
 const (
+	// actionNoop is what the agent sends for "no actions": an ACK with an
+	// empty payload is never handed to the SPOE applet by HAProxy 3.1.0
+	// (mux_spop.c, spop_conn_handle_ack jumps past it, so the event waits
+	// for "timeout processing"), while every version stops quietly at an
+	// action type it does not know (flt_spoe.c, spoe_process_actions), and
+	// HAProxy 3.2+ itself turns an empty ACK into this one byte
+	// (SPOP_ACT_T_NOOP).
+	actionNoop     = 0
 	actionSetVar   = 1
 	actionUnsetVar = 2
 )
@@ -125,6 +133,9 @@ func (w *ActionWriter) reset(buf []byte, streamID, frameID uint64, maxFrameSize,
 
 // finish completes the ACK and returns the output buffer.
 func (w *ActionWriter) finish() []byte {
+	if len(w.buf) == w.actions {
+		w.buf = append(w.buf, actionNoop) // no actions: see actionNoop
+	}
 	finishFrame(w.buf, w.start)
 	return w.buf
 }

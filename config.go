@@ -113,6 +113,7 @@ type config struct {
 	maxNotifyMessages int         // the simple API's decoding bound
 	maxNotifyArgs     int         //
 	logs              *logLimiter // the Agent's: rate of failure logs
+	keepPipelining    bool        // tests only: see agentCaps
 }
 
 func (a *Agent) config() *config {
@@ -130,5 +131,6 @@ func (a *Agent) config() *config {
 		maxNotifyMessages: a.maxNotifyMessages(),
 		maxNotifyArgs:     a.maxNotifyArgs(),
 		logs:              &a.logs,
+		keepPipelining:    a.keepPipelining,
 	}
 }

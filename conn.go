@@ -51,11 +51,13 @@ type conn struct {
 
 	// Set by the handshake in the reading role, read-only after (handlers
 	// started after it read them).
-	maxFrame   int
-	caps       capabilities
-	engineID   string
-	handshaken bool
-	helloSent  bool
+	maxFrame        int
+	haproxyMaxFrame uint64 // HAProxy's own, announced in its HELLO (see oversized)
+	muxEngine       bool   // HAProxy 3.1+ (see agentCaps, goodbye)
+	caps            capabilities
+	engineID        string
+	handshaken      bool
+	helloSent       bool
 
 	// The reading role's.
 	frag  reassembly
@@ -113,9 +115,11 @@ func (c *conn) handshake() error {
 		return err
 	}
 	c.stats.framesIn[frameStat(f.typ)].Add(1)
-	c.maxFrame = negotiateFrameSize(h.maxFrameSize, c.cfg.maxFrameSize)
+	c.maxFrame = helloFrameSize(h, c.cfg.maxFrameSize)
 	c.rd.maxFrame = c.maxFrame
-	c.caps = h.caps&(capPipelining|capAsync) | capFragmentation
+	c.haproxyMaxFrame = h.maxFrameSize
+	c.muxEngine = muxEngine(h.caps)
+	c.caps = agentCaps(h.caps, c.cfg.keepPipelining) // HAProxy 3.1+: see agentCaps
 	if c.caps&capAsync != 0 && !c.agent.engines.admit(h.engineID) {
 		c.caps &^= capAsync // MaxEngines reached
 	}
@@ -172,7 +176,14 @@ func (c *conn) loop() error {
 // far and, with nothing unread, gives idle buffers back.
 func (c *conn) nextFrame(f *frame) error {
 	for {
-		if ok, err := c.rd.buffered(f); ok || err != nil {
+		ok, err := c.rd.buffered(f)
+		if errors.Is(err, errFrameTooBig) {
+			var skip bool
+			if skip, err = c.oversized(err); skip {
+				continue
+			}
+		}
+		if ok || err != nil {
 			return err
 		}
 		c.disarm()
@@ -364,7 +375,7 @@ func (c *conn) end(err error) {
 		_ = c.flush()
 		c.slots.waitBelow(1)
 		if c.helloSent {
-			c.disconnect(StatusNormal, StatusNormal.String())
+			c.goodbye()
 		}
 		c.linger()
 	case endQuiet:

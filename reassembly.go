@@ -9,14 +9,20 @@ const maxReassembled = 1 << 20
 // ABORT ends it without an ACK.
 type reassembly struct {
 	active   bool
-	dropping bool // too big: answered with an aborting ACK, rest ignored
 	streamID uint64
 	frameID  uint64
 	buf      []byte
+
+	// The NOTIFY last answered with an aborting ACK (too big): HAProxy 2.6
+	// fails that event and forgets it without sending a fragment with
+	// ABORT, but fragments of it already on their way still come; they
+	// are ignored, even amid another NOTIFY's.
+	aborted                bool
+	abortedSID, abortedFID uint64
 }
 
 func (ra *reassembly) start(f *frame) {
-	ra.active, ra.dropping = true, false
+	ra.active = true
 	ra.streamID, ra.frameID = f.streamID, f.frameID
 	ra.buf = append([]byte(nil), f.payload...)
 }
@@ -28,31 +34,45 @@ func (ra *reassembly) matches(f *frame) bool {
 // end forgets the NOTIFY and lets go of its buffer: fragmented NOTIFYs
 // are rare, and an idle connection holds no buffer.
 func (ra *reassembly) end() {
-	ra.active, ra.dropping = false, false
+	ra.active = false
 	ra.buf = nil
+}
+
+// abort ends the NOTIFY, answered with an aborting ACK: its later
+// fragments are strays.
+func (ra *reassembly) abort() {
+	ra.aborted, ra.abortedSID, ra.abortedFID = true, ra.streamID, ra.frameID
+	ra.end()
+}
+
+// stray reports whether f is a fragment of the NOTIFY last aborted.
+func (ra *reassembly) stray(f *frame) bool {
+	return ra.aborted && f.streamID == ra.abortedSID && f.frameID == ra.abortedFID
+}
+
+// detached is the state a rescuer starts from: no NOTIFY under way (its
+// buffer stays with the slow handler), the aborted one still known.
+func (ra *reassembly) detached() reassembly {
+	return reassembly{aborted: ra.aborted, abortedSID: ra.abortedSID, abortedFID: ra.abortedFID}
 }
 
 // onUnset continues, ends or aborts the NOTIFY being reassembled.
 func (c *conn) onUnset(f *frame) error {
 	if !c.frag.matches(f) {
-		if c.frag.active {
+		if c.frag.active && !c.frag.stray(f) {
 			return errInterlaced
 		}
-		return nil // nothing to continue or abort: ignored
+		return nil // nothing to continue or abort, or of an aborted NOTIFY: ignored
 	}
 	if f.abort() {
 		c.frag.end()
 		return nil
 	}
-	if !c.frag.dropping {
-		c.frag.buf = append(c.frag.buf, f.payload...)
-		c.checkReassembly()
+	c.frag.buf = append(c.frag.buf, f.payload...)
+	if c.checkReassembly(); !c.frag.active {
+		return nil // aborted: the rest of it is ignored
 	}
 	if !f.fin() {
-		return nil
-	}
-	if c.frag.dropping {
-		c.frag.end()
 		return nil
 	}
 	if err := c.handle(c.frag.streamID, c.frag.frameID, c.frag.buf); err != nil {
@@ -63,7 +83,10 @@ func (c *conn) onUnset(f *frame) error {
 }
 
 // checkReassembly answers a NOTIFY that grew too big with an aborting ACK
-// (HAProxy then fails that event) and ignores the rest of its fragments.
+// (HAProxy then fails that event) and ends its transfer there: HAProxy 2.6
+// sends no fragment with ABORT after it, and the next NOTIFY would else be
+// taken for an interlaced frame. Its fragments still on their way are
+// ignored (reassembly.stray).
 func (c *conn) checkReassembly() {
 	if len(c.frag.buf) <= maxReassembled {
 		return
@@ -72,6 +95,5 @@ func (c *conn) checkReassembly() {
 	c.cfg.logger.WithField("stream_id", c.frag.streamID).WithField("frame_id", c.frag.frameID).
 		Warnf("spoe: fragmented NOTIFY above %d bytes: aborted", maxReassembled)
 	c.out.b = appendFrame(c.outBuf(), frameAck, flagFin|flagAbort, c.frag.streamID, c.frag.frameID, nil)
-	c.frag.dropping = true
-	c.frag.buf = nil
+	c.frag.abort()
 }

@@ -402,7 +402,7 @@ func (c *conn) rescue() {
 	c.refs.Add(1)
 	c.stats.rescues.Add(1)
 	c.rd.detach()
-	c.frag = reassembly{}
+	c.frag = c.frag.detached()
 	c.ex = nil
 	w.armed.Store(false) // armed again by the next inline handler
 	w.state.Store(s&^(stateInline|stateRescuing) + stateSeq)

@@ -32,9 +32,12 @@
 // # Protocol
 //
 // The agent speaks SPOP 2.0 as HAProxy 2.6 to 3.x do. It announces
-// "pipelining" and "async" when HAProxy offers them, and "fragmentation",
-// with which HAProxy 2.6 and 3.0 may split a big NOTIFY in several frames
-// that the agent joins. It answers health checks ("option spop-check"),
+// "pipelining" and "async" when HAProxy 2.6 to 3.0 offer them, but not
+// "pipelining" to the 3.1+ multiplexer, whose connections can stall for
+// good when pipelined answers fill its buffer (see agentCaps, and the
+// README's "Known HAProxy issues"); and "fragmentation", with which HAProxy
+// 2.6 and 3.0 may split a big NOTIFY in several frames that the agent
+// joins. It answers health checks ("option spop-check"),
 // HAProxy's DISCONNECT, and protocol errors with the status code SPOP
 // defines for them.
 //
@@ -219,6 +222,10 @@ type Agent struct {
 	logs    logLimiter // rate of the handler failure logs
 
 	sched scheduler // handler slots and scheduling policy (sched.go)
+
+	// keepPipelining answers "pipelining" to HAProxy 3.1+ too (see
+	// agentCaps); set by tests only, which show HAProxy's stall with it.
+	keepPipelining bool
 }
 
 // New returns an Agent that answers NOTIFY frames with handler.

@@ -134,6 +134,15 @@ func (fw *frameWriter) closeWrite() {
 	fw.mu.Unlock()
 }
 
+// waitIdle waits for the write under way, if any.
+func (fw *frameWriter) waitIdle() {
+	fw.mu.Lock()
+	for fw.writing {
+		fw.cond.Wait()
+	}
+	fw.mu.Unlock()
+}
+
 // close accepts no more frames, without waiting.
 func (fw *frameWriter) close() {
 	fw.mu.Lock()
