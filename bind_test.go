@@ -93,11 +93,13 @@ func bindThroughAgent(t *testing.T, msg ClientMessage, newTarget func() interfac
 	t.Helper()
 	simple, fast = newTarget(), newTarget()
 	var rt Router
-	rt.HandleMessage("simple", func(m Message) ([]Action, error) {
-		simpleErr = m.Bind(simple)
+	rt.Handle("simple", MessageHandler(func(ms []Message) ([]Action, error) {
+		simpleErr = ms[0].Bind(simple)
 		return nil, nil
-	})
-	rt.Handle("fast", func(w *ActionWriter, r *Request, m *MessageIterator) error {
+	}))
+	rt.HandleFunc("fast", func(w *ActionWriter, r *Request) error {
+		m := r.Messages()
+		m.Next()
 		fastErr = m.Bind(fast)
 		return nil
 	})

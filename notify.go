@@ -55,28 +55,28 @@ type Message struct {
 	Args map[string]interface{}
 }
 
-// IP returns the argument name if it is an address (IPV4 or IPV6).
-func (m Message) IP(name string) (net.IP, bool) {
+// ArgIP returns the argument name if it is an address (IPV4 or IPV6).
+func (m Message) ArgIP(name string) (net.IP, bool) {
 	ip, ok := m.Args[name].(net.IP)
 	return ip, ok
 }
 
-// String returns the argument name if it is a STRING.
-func (m Message) String(name string) (string, bool) {
+// ArgString returns the argument name if it is a STRING.
+func (m Message) ArgString(name string) (string, bool) {
 	s, ok := m.Args[name].(string)
 	return s, ok
 }
 
-// Bytes returns the argument name if it is a BINARY (req.body,
+// ArgBytes returns the argument name if it is a BINARY (req.body,
 // req.hdrs_bin...).
-func (m Message) Bytes(name string) ([]byte, bool) {
+func (m Message) ArgBytes(name string) ([]byte, bool) {
 	b, ok := m.Args[name].([]byte)
 	return b, ok
 }
 
-// Int returns the argument name if it is an integer of any of the four
+// ArgInt returns the argument name if it is an integer of any of the four
 // SPOP types that fits an int64 (HAProxy sends integers as INT64).
-func (m Message) Int(name string) (int64, bool) {
+func (m Message) ArgInt(name string) (int64, bool) {
 	switch v := m.Args[name].(type) {
 	case int64:
 		return v, true
@@ -90,21 +90,43 @@ func (m Message) Int(name string) (int64, bool) {
 	return 0, false
 }
 
-// Bool returns the argument name if it is a BOOL.
-func (m Message) Bool(name string) (value, ok bool) {
+// ArgBool returns the argument name if it is a BOOL.
+func (m Message) ArgBool(name string) (value, ok bool) {
 	value, ok = m.Args[name].(bool)
 	return value, ok
 }
 
 // MessageHandler is the simple API: it receives every message of a NOTIFY
 // frame and returns the actions to send back. It is a Handler.
+//
+// The messages, their names and their argument values are the handler's
+// to keep: they are built for each NOTIFY and never reused.
 type MessageHandler func(messages []Message) ([]Action, error)
 
 // ServeSPOE decodes r's messages, calls h and writes its actions to w.
 // An action the writer refuses is logged and counted by the agent; the
-// others are still sent.
+// others are still sent, and the error variable tells HAProxy (see
+// Agent.ErrorVar).
 func (h MessageHandler) ServeSPOE(w *ActionWriter, r *Request) error {
 	actions, err := h(r.decodeMessages())
+	return writeActions(w, actions, err)
+}
+
+// ContextMessageHandler is the simple API with a context: ctx is
+// r.Context() (see Request.Context for when it is cancelled), and
+// RequestInfoFromContext(ctx) gives the engine, stream and frame ids for
+// logs. It is a Handler; the messages are the handler's to keep, as with
+// MessageHandler.
+type ContextMessageHandler func(ctx context.Context, messages []Message) ([]Action, error)
+
+// ServeSPOE decodes r's messages, calls h with r's context and writes its
+// actions to w, as MessageHandler does.
+func (h ContextMessageHandler) ServeSPOE(w *ActionWriter, r *Request) error {
+	actions, err := h(r.Context(), r.decodeMessages())
+	return writeActions(w, actions, err)
+}
+
+func writeActions(w *ActionWriter, actions []Action, err error) error {
 	if err != nil {
 		return err
 	}
@@ -125,7 +147,7 @@ func (h MessageHandler) ServeSPOE(w *ActionWriter, r *Request) error {
 // one it returns.
 type Request struct {
 	parent   context.Context
-	ctx      context.Context
+	ctx      *requestContext
 	cancel   context.CancelFunc
 	engineID string
 	streamID uint64
@@ -135,7 +157,9 @@ type Request struct {
 	index    [indexedMessages]msgIndex // where the first messages are
 	sealed   bool
 	names    map[string]string // interned names for the simple API
-	routed   MessageIterator   // the message a Router route is given
+	outer    *Request          // for a Router's routed Request: the whole NOTIFY's
+	sub      *Request          // the Request a Router hands its routes, reused
+	mstats   [statMessages]*messageStats
 }
 
 // indexedMessages is how many messages a Request locates up front; later
@@ -150,9 +174,25 @@ type msgIndex struct {
 }
 
 func (r *Request) check() {
-	if r.sealed {
+	if r.sealed || r.outer != nil && r.outer.sealed {
 		panic("spoe: Request used after its handler returned")
 	}
+}
+
+// routed returns the Request of one message of r, the one it is on, for a
+// Router's route: it shares r's context and ids.
+func (r *Request) routed(it *MessageIterator) *Request {
+	s := r.sub
+	if s == nil {
+		s = new(Request)
+		r.sub = s
+	}
+	*s = Request{
+		parent: r.parent, engineID: r.engineID, streamID: r.streamID, frameID: r.frameID,
+		payload: r.payload, nmsgs: 1, outer: r, sub: s.sub,
+	}
+	s.index[0] = it.cur
+	return s
 }
 
 // indexMessages checks a NOTIFY's LIST-OF-MESSAGES whole, counts its
@@ -208,18 +248,63 @@ func skipName(b []byte, off int) (int, error) {
 	return off, err
 }
 
-// Context returns the request's context. It is cancelled when the handler
-// returns, when the agent is closed, and when the ACK can no longer leave:
-// without the async capability, when the frame's connection closes; with
-// it, when its HAProxy engine goes away, 10 seconds after the engine's last
-// connection closed with none joining meanwhile (or at once when Shutdown
-// has closed every connection).
+// Context returns the request's context. It carries the request's ids
+// (RequestInfoFromContext) and is cancelled:
+//
+//   - when the handler returns;
+//   - when the agent is closed (Close, or Run when its shutdown timeout
+//     expires); Shutdown lets running handlers finish with it live;
+//   - when the ACK can no longer leave: without the async capability, when
+//     the frame's connection closes (HAProxy gave up or went away); with
+//     it, when its HAProxy engine goes away: 10 seconds after the engine's
+//     last connection closed with none joining meanwhile, or at once when
+//     Shutdown has closed every connection.
+//
+// A Router's route gets the context of the whole NOTIFY.
 func (r *Request) Context() context.Context {
 	r.check()
+	if r.outer != nil {
+		return r.outer.Context()
+	}
 	if r.ctx == nil {
-		r.ctx, r.cancel = context.WithCancel(r.parent)
+		c := &requestContext{info: RequestInfo{EngineID: r.engineID, StreamID: r.streamID, FrameID: r.frameID}}
+		c.Context, r.cancel = context.WithCancel(r.parent)
+		r.ctx = c
 	}
 	return r.ctx
+}
+
+// RequestInfo identifies a NOTIFY frame, for logs.
+type RequestInfo struct {
+	EngineID string // the engine-id of HAProxy's HELLO (see Request.EngineID)
+	StreamID uint64
+	FrameID  uint64
+}
+
+// RequestInfoFromContext returns the ids of the NOTIFY whose handler
+// received ctx (Request.Context, a ContextMessageHandler's ctx, or a
+// context derived from them).
+func RequestInfoFromContext(ctx context.Context) (RequestInfo, bool) {
+	c, ok := ctx.Value(requestInfoKey{}).(*requestContext)
+	if !ok {
+		return RequestInfo{}, false
+	}
+	return c.info, true
+}
+
+type requestInfoKey struct{}
+
+// requestContext is a Request's context: a cancelable one with the ids.
+type requestContext struct {
+	context.Context
+	info RequestInfo
+}
+
+func (c *requestContext) Value(key interface{}) interface{} {
+	if key == (requestInfoKey{}) {
+		return c
+	}
+	return c.Context.Value(key)
 }
 
 // EngineID returns the engine-id HAProxy sent in its HELLO: one per HAProxy
@@ -284,6 +369,9 @@ const (
 
 // intern returns b as a string, from the names seen before when it can.
 func (r *Request) intern(b []byte) string {
+	for r.outer != nil {
+		r = r.outer
+	}
 	if s, ok := r.names[string(b)]; ok {
 		return s
 	}
@@ -446,9 +534,13 @@ func callHandler(h Handler, w *ActionWriter, r *Request) (err error) {
 
 // serveNotify handles one whole NOTIFY: it calls the handler and completes
 // w's ACK. A handler error or panic replaces the actions with the error
-// variable, so that HAProxy's rules see the failure at once.
+// variable, so that HAProxy's rules see the failure at once; an action left
+// out of the ACK adds the error variable to the others.
 func serveNotify(cfg *config, st *stats, w *ActionWriter, r *Request) {
+	st.messages.count(r)
+	w.limit -= cfg.errorVarRoom // so that the error variable always fits
 	err := callHandler(cfg.handler, w, r)
+	w.limit += cfg.errorVarRoom
 	if r.cancel != nil {
 		r.cancel()
 		r.ctx, r.cancel = nil, nil
@@ -457,7 +549,9 @@ func serveNotify(cfg *config, st *stats, w *ActionWriter, r *Request) {
 		w.discardActions()
 		w.err, w.refused = nil, 0
 		var pe *panicError
-		if errors.As(err, &pe) {
+		isPanic := errors.As(err, &pe)
+		st.messages.failed(r, isPanic)
+		if isPanic {
 			st.handlerPanics.Add(1)
 			cfg.logger.WithField("stream_id", r.streamID).WithField("frame_id", r.frameID).
 				WithField("stack", string(pe.stack)).Errorf("%v", err)
@@ -474,5 +568,8 @@ func serveNotify(cfg *config, st *stats, w *ActionWriter, r *Request) {
 		st.actionsRefused.Add(uint64(w.refused))
 		cfg.logger.WithField("stream_id", r.streamID).WithField("frame_id", r.frameID).
 			WithField("refused", w.refused).WithError(w.err).Error("spoe: actions left out of the ACK")
+		if name := cfg.errorVar; name != "" {
+			_ = w.SetBool(VarScopeTransaction, name, true) // fits: room was kept
+		}
 	}
 }
