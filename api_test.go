@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -251,4 +252,46 @@ func TestReadyAndHealthHandler(t *testing.T) {
 	code, _ = get("/live")
 	assert.Equal(t, http.StatusOK, code)
 	assert.ErrorIs(t, <-served, ErrAgentClosed)
+}
+
+// TestSimpleValuesKept: the simple API's values, decoded from one slab per
+// NOTIFY, have the documented types and stay intact after the handler
+// returned, across later requests and garbage collections.
+func TestSimpleValuesKept(t *testing.T) {
+	long := strings.Repeat("s", 100)
+	args := []Arg{
+		{"null", nil}, {"t", true}, {"f", false}, {"i32", int32(-7)}, {"u32", uint32(7)},
+		{"i64", int64(-1 << 40)}, {"u64", uint64(1 << 40)}, {"ip4", net.IP{192, 0, 2, 1}},
+		{"ip6", net.ParseIP("2001:db8::1")}, {"short", "GET"}, {"long", long}, {"empty", ""},
+		{"bin", []byte{0, 1, 2}}, {"longbin", make([]byte, 40)}, {"nobin", []byte{}},
+	}
+	want := map[string]interface{}{
+		"null": nil, "t": true, "f": false, "i32": int32(-7), "u32": uint32(7),
+		"i64": int64(-1 << 40), "u64": uint64(1 << 40), "ip4": net.IP{192, 0, 2, 1},
+		"ip6": net.ParseIP("2001:db8::1"), "short": "GET", "long": long, "empty": "",
+		"bin": []byte{0, 1, 2}, "longbin": make([]byte, 40), "nobin": []byte{},
+	}
+	kept := make(chan []Message, 200)
+	a := New(func(ms []Message) ([]Action, error) {
+		kept <- ms
+		return nil, nil
+	})
+	c := dialAgent(t, startAgent(t, a), ClientConfig{})
+	for i := 0; i < cap(kept); i++ {
+		_, err := c.Notify(notifyCtx(t), ClientMessage{Name: "all", Args: args}, ClientMessage{Name: "two", Args: args[:2]})
+		require.NoError(t, err)
+		if i%50 == 0 {
+			runtime.GC()
+		}
+	}
+	runtime.GC()
+	close(kept)
+	for ms := range kept {
+		require.Len(t, ms, 2)
+		assert.Equal(t, "all", ms[0].Name)
+		assert.Equal(t, want, ms[0].Args)
+		assert.Equal(t, map[string]interface{}{"null": nil, "t": true}, ms[1].Args)
+		ms[0].Args["bin"].([]byte)[0] = 9 // the handler's own: changes nothing else
+		assert.Equal(t, long, ms[0].Args["long"])
+	}
 }

@@ -339,27 +339,6 @@ func (r *Request) Message(name string) (MessageIterator, bool) {
 	return MessageIterator{}, false
 }
 
-// decodeMessages builds the simple API's messages, with copied values.
-func (r *Request) decodeMessages() []Message {
-	r.check()
-	msgs := make([]Message, 0, r.nmsgs)
-	for it := r.Messages(); it.Next(); {
-		msgs = append(msgs, r.decodeMessage(&it))
-	}
-	return msgs
-}
-
-// decodeMessage builds the simple API's message it is positioned on.
-func (r *Request) decodeMessage(it *MessageIterator) Message {
-	m := Message{Name: r.intern(it.name()), Args: make(map[string]interface{}, it.NumArgs())}
-	for args := it.Args(); args.Next(); {
-		if _, dup := m.Args[string(args.name)]; !dup {
-			m.Args[r.intern(args.name)] = args.value.Interface()
-		}
-	}
-	return m
-}
-
 // Interning bounds: names repeat on every request, so the simple API keeps
 // the short ones it has seen rather than allocate them again.
 const (
