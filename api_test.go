@@ -295,3 +295,17 @@ func TestSimpleValuesKept(t *testing.T) {
 		assert.Equal(t, long, ms[0].Args["long"])
 	}
 }
+
+// TestSimpleDuplicateArgs: of duplicate argument names the first is kept.
+func TestSimpleDuplicateArgs(t *testing.T) {
+	got := make(chan Message, 1)
+	c := dialAgent(t, startAgent(t, New(func(ms []Message) ([]Action, error) {
+		got <- ms[0]
+		return nil, nil
+	})), ClientConfig{})
+	_, err := c.Notify(notifyCtx(t), ClientMessage{Name: "m", Args: []Arg{
+		{"a", "first"}, {"", int64(1)}, {"a", "second"}, {"", int64(2)}, {"b", true},
+	}})
+	require.NoError(t, err)
+	assert.Equal(t, map[string]interface{}{"a": "first", "": int64(1), "b": true}, (<-got).Args)
+}

@@ -126,20 +126,35 @@ func (r *Request) decodeMessages() []Message {
 	}
 	d := valueDecoder{boxes: make([]valueBox, nargs)}
 	msgs := make([]Message, r.nmsgs)
-	i := 0
+	i, pos := 0, 0
 	for it := r.Messages(); it.Next(); i++ {
-		msgs[i] = r.decodeMessage(&it, &d)
+		msgs[i] = r.decodeMessage(&it, &d, &pos)
 	}
 	return msgs
 }
 
-// decodeMessage builds the simple API's message it is positioned on.
-func (r *Request) decodeMessage(it *MessageIterator, d *valueDecoder) Message {
-	m := Message{Name: r.intern(it.name()), Args: make(map[string]interface{}, it.NumArgs())}
-	for args := it.Args(); args.Next(); {
-		if _, dup := m.Args[string(args.name)]; !dup {
-			m.Args[r.intern(args.name)] = d.value(args.value, len(r.payload))
-		}
+// pendingArg is one argument waiting to go into its message's map.
+type pendingArg struct {
+	name  []byte
+	value Value
+}
+
+// decodeMessage builds the simple API's message it is positioned on. pos
+// counts the names of the NOTIFY, for intern.
+func (r *Request) decodeMessage(it *MessageIterator, d *valueDecoder, pos *int) Message {
+	m := Message{Name: r.intern(it.name(), *pos), Args: make(map[string]interface{}, it.NumArgs())}
+	*pos++
+	// Of duplicate names the first is kept: stored last, in reverse
+	// order, so that each argument costs one map assignment.
+	var stack [16]pendingArg
+	args := stack[:0]
+	for a := it.Args(); a.Next(); {
+		args = append(args, pendingArg{a.name, a.value})
+	}
+	base := *pos
+	*pos += len(args)
+	for i := len(args) - 1; i >= 0; i-- {
+		m.Args[r.intern(args[i].name, base+i)] = d.value(args[i].value, len(r.payload))
 	}
 	return m
 }

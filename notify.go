@@ -156,9 +156,9 @@ type Request struct {
 	nmsgs    int
 	index    [indexedMessages]msgIndex // where the first messages are
 	sealed   bool
-	names    map[string]string // interned names for the simple API
-	outer    *Request          // for a Router's routed Request: the whole NOTIFY's
-	sub      *Request          // the Request a Router hands its routes, reused
+	names    *internTable // interned names for the simple API
+	outer    *Request     // for a Router's routed Request: the whole NOTIFY's
+	sub      *Request     // the Request a Router hands its routes, reused
 	mstats   [statMessages]*messageStats
 }
 
@@ -344,22 +344,44 @@ func (r *Request) Message(name string) (MessageIterator, bool) {
 const (
 	maxInterned    = 256
 	maxInternedLen = 64
+	recentNames    = 16
 )
 
+// internTable holds the names the simple API has built strings for, and
+// the names of the last NOTIFY by position: HAProxy sends the same
+// messages with the same arguments each time, so they are found by one
+// comparison, without hashing.
+type internTable struct {
+	byName map[string]string
+	recent [recentNames]string
+}
+
 // intern returns b as a string, from the names seen before when it can.
-func (r *Request) intern(b []byte) string {
+// pos is b's place among the names of the NOTIFY.
+func (r *Request) intern(b []byte, pos int) string {
 	for r.outer != nil {
 		r = r.outer
 	}
-	if s, ok := r.names[string(b)]; ok {
-		return s
+	t := r.names
+	if t == nil {
+		t = new(internTable)
+		r.names = t
 	}
-	s := string(b)
-	if len(b) <= maxInternedLen && len(r.names) < maxInterned {
-		if r.names == nil {
-			r.names = make(map[string]string)
+	if pos < recentNames && t.recent[pos] == string(b) {
+		return t.recent[pos]
+	}
+	s, ok := t.byName[string(b)]
+	if !ok {
+		s = string(b)
+		if len(b) <= maxInternedLen && len(t.byName) < maxInterned {
+			if t.byName == nil {
+				t.byName = make(map[string]string)
+			}
+			t.byName[s] = s
 		}
-		r.names[s] = s
+	}
+	if pos < recentNames && len(b) <= maxInternedLen {
+		t.recent[pos] = s
 	}
 	return s
 }
