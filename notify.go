@@ -174,8 +174,10 @@ type msgIndex struct {
 }
 
 func (r *Request) check() {
-	if r.sealed || r.outer != nil && r.outer.sealed {
-		panic("spoe: Request used after its handler returned")
+	for q := r; q != nil; q = q.outer { // a routed Request is sealed with its NOTIFY's
+		if q.sealed {
+			panic("spoe: Request used after its handler returned")
+		}
 	}
 }
 
