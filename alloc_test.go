@@ -3,6 +3,7 @@
 package spoe
 
 import (
+	"context"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -57,4 +58,24 @@ func TestSimpleAPIAllocs(t *testing.T) {
 		t.Logf("simple API, %s: %.1f allocations per request", tt.msg.Name, allocs)
 		assert.LessOrEqual(t, allocs, tt.max, tt.msg.Name)
 	}
+}
+
+// TestContextAPIAllocs: the simple API with a context costs what the
+// simple API does, and the context: context.WithCancel's context and
+// CancelFunc, and the value that carries the ids.
+func TestContextAPIAllocs(t *testing.T) {
+	h := ContextMessageHandler(func(ctx context.Context, ms []Message) ([]Action, error) {
+		return simpleHandler(ms)
+	})
+	p := newLoadPeer(t, &Agent{Handler: h}, ipRepMessage, 1)
+	for i := 0; i < 100; i++ {
+		require.NoError(t, p.roundTripN(1))
+	}
+	allocs := testing.AllocsPerRun(2000, func() {
+		if err := p.roundTripN(1); err != nil {
+			t.Fatal(err)
+		}
+	})
+	t.Logf("simple API with a context, ip-rep: %.1f allocations per request", allocs)
+	assert.LessOrEqual(t, allocs, 6.0+3)
 }
