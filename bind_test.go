@@ -200,6 +200,7 @@ func TestBindBadTargets(t *testing.T) {
 	var notStruct int
 	var nilPtr *boundArgs
 	type unexported struct {
+		//lint:ignore U1000 Bind must refuse a tagged field it cannot set
 		a string `spoe:"a"`
 	}
 	type badOption struct {
