@@ -56,19 +56,32 @@ type valueDecoder struct {
 	boxes []valueBox
 }
 
-// bytes copies b to box or to the slab, made at the first need as big as
-// the frame (the values are shorter), and returns a pointer to the copy.
-func (d *valueDecoder) bytes(box *valueBox, b []byte, payloadLen int) unsafe.Pointer {
+// bytes copies b to box or to the slab and returns a pointer to the copy.
+func (d *valueDecoder) bytes(box *valueBox, b []byte) unsafe.Pointer {
 	if len(b) <= len(box.small) {
 		copy(box.small[:], b)
 		return unsafe.Pointer(&box.small[0])
 	}
-	if d.slab == nil {
-		d.slab = make([]byte, 0, payloadLen)
-	}
 	off := len(d.slab)
 	d.slab = append(d.slab, b...)
 	return unsafe.Pointer(&d.slab[off])
+}
+
+// needs reports whether v takes a box, and how many bytes of the slab.
+func needs(v Value) (box bool, slab int) {
+	switch v.typ {
+	case TypeInt32, TypeUint32, TypeInt64, TypeUint64:
+		return true, 0
+	case TypeIPv4, TypeIPv6, TypeString, TypeBinary:
+		if len(v.data) == 0 {
+			return false, 0
+		}
+		if len(v.data) <= len(valueBox{}.small) {
+			return true, 0
+		}
+		return true, len(v.data)
+	}
+	return false, 0
 }
 
 func (d *valueDecoder) box() *valueBox {
@@ -78,7 +91,7 @@ func (d *valueDecoder) box() *valueBox {
 }
 
 // value returns v as Value.Interface does, without allocating.
-func (d *valueDecoder) value(v Value, payloadLen int) interface{} {
+func (d *valueDecoder) value(v Value) interface{} {
 	switch v.typ {
 	case TypeBool:
 		return v.num != 0 // boxing a bool does not allocate
@@ -104,7 +117,7 @@ func (d *valueDecoder) value(v Value, payloadLen int) interface{} {
 			return v.Interface() // "" or []byte{}: no allocation either
 		}
 		b := d.box()
-		b.p, b.n, b.c = d.bytes(b, v.data, payloadLen), len(v.data), len(v.data)
+		b.p, b.n, b.c = d.bytes(b, v.data), len(v.data), len(v.data)
 		switch v.typ {
 		case TypeString:
 			return boxed(efaceString, unsafe.Pointer(b))
@@ -117,18 +130,38 @@ func (d *valueDecoder) value(v Value, payloadLen int) interface{} {
 	return nil
 }
 
-// decodeMessages builds the simple API's messages, with copied values.
+// decodeMessages builds the simple API's messages, with copied values. It
+// reads every argument first, so as to size the boxes and the slab
+// exactly, then fills one map per message.
 func (r *Request) decodeMessages() []Message {
 	r.check()
-	nargs := 0
+	var stack [32]pendingArg
+	args := stack[:0]
+	var nboxes, nbytes int
 	for it := r.Messages(); it.Next(); {
-		nargs += it.NumArgs()
+		for a := it.Args(); a.Next(); {
+			args = append(args, pendingArg{a.name, a.value})
+			box, slab := needs(a.value)
+			if box {
+				nboxes++
+			}
+			nbytes += slab
+		}
 	}
-	d := valueDecoder{boxes: make([]valueBox, nargs)}
+	var d valueDecoder
+	if nboxes > 0 {
+		d.boxes = make([]valueBox, nboxes)
+	}
+	if nbytes > 0 {
+		d.slab = make([]byte, 0, nbytes)
+	}
 	msgs := make([]Message, r.nmsgs)
 	i, pos := 0, 0
 	for it := r.Messages(); it.Next(); i++ {
-		msgs[i] = r.decodeMessage(&it, &d, &pos)
+		n := it.NumArgs()
+		msgs[i] = r.decodeMessage(&it, args[:n], &d, pos)
+		args = args[n:]
+		pos += 1 + n
 	}
 	return msgs
 }
@@ -139,22 +172,15 @@ type pendingArg struct {
 	value Value
 }
 
-// decodeMessage builds the simple API's message it is positioned on. pos
-// counts the names of the NOTIFY, for intern.
-func (r *Request) decodeMessage(it *MessageIterator, d *valueDecoder, pos *int) Message {
-	m := Message{Name: r.intern(it.name(), *pos), Args: make(map[string]interface{}, it.NumArgs())}
-	*pos++
+// decodeMessage builds the simple API's message it is positioned on, of
+// arguments args. pos is its name's place among the names of the NOTIFY,
+// for intern.
+func (r *Request) decodeMessage(it *MessageIterator, args []pendingArg, d *valueDecoder, pos int) Message {
+	m := Message{Name: r.intern(it.name(), pos), Args: make(map[string]interface{}, len(args))}
 	// Of duplicate names the first is kept: stored last, in reverse
 	// order, so that each argument costs one map assignment.
-	var stack [16]pendingArg
-	args := stack[:0]
-	for a := it.Args(); a.Next(); {
-		args = append(args, pendingArg{a.name, a.value})
-	}
-	base := *pos
-	*pos += len(args)
 	for i := len(args) - 1; i >= 0; i-- {
-		m.Args[r.intern(args[i].name, base+i)] = d.value(args[i].value, len(r.payload))
+		m.Args[r.intern(args[i].name, pos+1+i)] = d.value(args[i].value)
 	}
 	return m
 }
