@@ -177,6 +177,28 @@ func TestMessageStats(t *testing.T) {
 	assert.Equal(t, uint64(13), st[OtherMessages].Requests, "3 names of the first 64 were taken before")
 }
 
+// TestMessageStatsRouter: with a Router, a route's failure counts on its
+// message's name only, also behind a nested Router.
+func TestMessageStatsRouter(t *testing.T) {
+	var rt, inner Router
+	rt.HandleFunc("ok", func(*ActionWriter, *Request) error { return nil })
+	rt.HandleFunc("fail", func(*ActionWriter, *Request) error { return fmt.Errorf("no") })
+	inner.HandleFunc("panic", func(*ActionWriter, *Request) error { panic("boom") })
+	rt.Handle("panic", &inner)
+	a := &Agent{Handler: &rt}
+	c := dialAgent(t, startAgent(t, a), ClientConfig{})
+	for _, name := range []string{"fail", "panic"} {
+		_, err := c.Notify(notifyCtx(t), ClientMessage{Name: "ok"}, ClientMessage{Name: name})
+		require.NoError(t, err)
+	}
+	_, err := c.Notify(notifyCtx(t), ClientMessage{Name: "ok"})
+	require.NoError(t, err)
+	st := a.Stats().Messages
+	assert.Equal(t, MessageStats{Requests: 3}, withoutLatency(st["ok"]))
+	assert.Equal(t, MessageStats{Requests: 1, Errors: 1}, withoutLatency(st["fail"]))
+	assert.Equal(t, MessageStats{Requests: 1, Panics: 1}, withoutLatency(st["panic"]))
+}
+
 func withoutLatency(m MessageStats) MessageStats {
 	m.HandlerLatency, m.HandlerTime = nil, 0
 	return m

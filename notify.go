@@ -160,6 +160,7 @@ type Request struct {
 	outer    *Request     // for a Router's routed Request: the whole NOTIFY's
 	sub      *Request     // the Request a Router hands its routes, reused
 	mstats   [statMessages]*messageStats
+	routing  []byte // the name of the message a Router is handling, if any
 }
 
 // indexedMessages is how many messages a Request locates up front; later
@@ -179,6 +180,14 @@ func (r *Request) check() {
 			panic("spoe: Request used after its handler returned")
 		}
 	}
+}
+
+// root returns the Request of the whole NOTIFY.
+func (r *Request) root() *Request {
+	for r.outer != nil {
+		r = r.outer
+	}
+	return r
 }
 
 // routed returns the Request of one message of r, the one it is on, for a

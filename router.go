@@ -20,7 +20,8 @@ import (
 //
 // Messages are handled in the order of the frame, one after the other; the
 // first error stops the frame, whose ACK then carries the error variable
-// only (see Agent.ErrorVar).
+// only (see Agent.ErrorVar). In Stats.Messages, the error or panic of a
+// route counts on its message's name only.
 //
 // A message with no route goes to NotFound; when NotFound is nil it is
 // skipped, the other messages of the frame are still handled, and the ACK
@@ -72,9 +73,12 @@ func (rt *Router) ServeSPOE(w *ActionWriter, r *Request) error {
 				continue
 			}
 		}
+		root := r.root()
+		root.routing = it.name() // a failure is counted on this name only
 		if err := h.ServeSPOE(w, r.routed(&it)); err != nil {
 			return err
 		}
+		root.routing = nil
 	}
 	return nil
 }

@@ -23,8 +23,8 @@ const statMessages = 4
 
 // MessageStats counts the NOTIFY frames that carried messages of one name.
 // A frame of several messages counts for each of its names (its first
-// four for Errors, Panics and the latency); a Router's routes are not told
-// apart beyond that: a failing frame counts as an error for each name.
+// four for Errors, Panics and the latency), except that the error or panic
+// of a Router's route counts on its message's name only.
 type MessageStats struct {
 	Requests uint64 // messages of this name received
 	Errors   uint64 // frames with this message whose handler returned an error
@@ -88,7 +88,7 @@ func (t *messageTable) get(name []byte) *messageStats {
 // count counts r's messages and notes the counters of its first ones in
 // r, for failed and observeHandler.
 func (t *messageTable) count(r *Request) {
-	r.mstats = [statMessages]*messageStats{}
+	r.mstats, r.routing = [statMessages]*messageStats{}, nil
 	n := 0
 	for it := r.Messages(); it.Next(); {
 		m := t.get(it.name())
@@ -109,17 +109,25 @@ func noted(ms []*messageStats, m *messageStats) bool {
 	return false
 }
 
-// failed counts a handler error or panic on r's messages.
+// failed counts a handler error or panic on r's messages, or on the one a
+// Router was handling.
 func (t *messageTable) failed(r *Request, panicked bool) {
-	for _, m := range r.mstats {
-		if m == nil {
-			break
-		}
+	count := func(m *messageStats) {
 		if panicked {
 			m.panics.Add(1)
 		} else {
 			m.errors.Add(1)
 		}
+	}
+	if r.routing != nil {
+		count(t.get(r.routing))
+		return
+	}
+	for _, m := range r.mstats {
+		if m == nil {
+			break
+		}
+		count(m)
 	}
 }
 
