@@ -34,7 +34,8 @@ func (s VarScope) String() string {
 }
 
 // Errors of actions. A refused action is left out of the ACK, logged and
-// counted; the rest of the ACK still goes.
+// counted; the rest of the ACK still goes, with the error variable set
+// (Agent.ErrorVar).
 var (
 	// ErrVarName: HAProxy would silently drop the variable: a name must be
 	// made of [A-Za-z0-9_.] and <scope>.<prefix>.<name> must fit 63 bytes.
@@ -105,9 +106,11 @@ func (a ActionUnsetVar) writeTo(w *ActionWriter) error { return w.UnsetVar(a.Sco
 // race detector turn any later call of its methods into a panic.
 //
 // Every method checks the variable name, the scope and the value, and that
-// the ACK still fits the negotiated max-frame-size. A refused action is not
-// written; its error is returned and also logged and counted by the agent,
-// so that no variable is lost silently.
+// the ACK still fits the negotiated max-frame-size (less the room kept for
+// the error variable). A refused action is not written; its error is
+// returned and also logged and counted by the agent, which sets the error
+// variable (Agent.ErrorVar) in the ACK, so that no variable is lost
+// silently.
 type ActionWriter struct {
 	buf       []byte // output; the ACK frame starts at start
 	start     int

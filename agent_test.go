@@ -196,17 +196,17 @@ func TestHandshakeNegotiation(t *testing.T) {
 
 	p := dialRaw(t, addr)
 	h := p.hello("pipelining,async", "e1", 16380)
-	assert.True(t, h["version"].Equal("2.0"))
+	assert.True(t, h["version"].EqualString("2.0"))
 	assert.Equal(t, TypeUint32, h["max-frame-size"].Type())
 	n, _ := h["max-frame-size"].Uint()
 	assert.Equal(t, uint64(4096), n, "the agent's limit when lower than HAProxy's")
-	assert.True(t, h["capabilities"].Equal("pipelining,async,fragmentation"))
+	assert.True(t, h["capabilities"].EqualString("pipelining,async,fragmentation"))
 
 	p = dialRaw(t, addr)
 	h = p.hello("", "", 1000)
 	n, _ = h["max-frame-size"].Uint()
 	assert.Equal(t, uint64(1000), n, "HAProxy's when lower")
-	assert.True(t, h["capabilities"].Equal("fragmentation"), "nothing HAProxy did not offer, but fragmentation")
+	assert.True(t, h["capabilities"].EqualString("fragmentation"), "nothing HAProxy did not offer, but fragmentation")
 
 	c := dialAgent(t, addr, ClientConfig{NoPipelining: true})
 	assert.Equal(t, "fragmentation", c.Capabilities())
@@ -295,7 +295,8 @@ func TestHandlerFailures(t *testing.T) {
 }
 
 // TestRefusedActionsReported: actions HAProxy would drop are left out,
-// logged and counted; the others still go.
+// logged and counted; the others still go, with the error variable set so
+// that HAProxy's rules can tell.
 func TestRefusedActionsReported(t *testing.T) {
 	logger, hook := test.NewNullLogger()
 	a := New(func([]Message) ([]Action, error) {
@@ -309,7 +310,10 @@ func TestRefusedActionsReported(t *testing.T) {
 	c := dialAgent(t, startAgent(t, a), ClientConfig{})
 	actions, err := c.Notify(notifyCtx(t), ClientMessage{Name: "m"})
 	require.NoError(t, err)
-	assert.Equal(t, []Action{ActionSetVar{Name: "good", Scope: VarScopeSession, Value: int64(2)}}, actions)
+	assert.Equal(t, []Action{
+		ActionSetVar{Name: "good", Scope: VarScopeSession, Value: int64(2)},
+		ActionSetVar{Name: "error", Scope: VarScopeTransaction, Value: true},
+	}, actions)
 	assert.Equal(t, uint64(2), a.Stats().ActionsRefused)
 	var logged bool
 	for _, e := range hook.AllEntries() {

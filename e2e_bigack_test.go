@@ -49,11 +49,14 @@ func spopVarintLen(v uint64) int {
 
 // largestString is the longest string value that one set-var of txn.<name>
 // can carry in an ACK of (streamID, frameID) when the agent's frames are
-// kept to maxFrameSize-1 bytes, as the library keeps them.
+// kept to maxFrameSize-1 bytes, as the library keeps them, with room kept
+// free for the set-var of the error variable (txn.<prefix>.error), which
+// the library adds when it must leave an action out.
 func largestString(maxFrameSize int, streamID, frameID uint64, name string) int {
 	head := 1 + 4 + spopVarintLen(streamID) + spopVarintLen(frameID) // type, flags, ids
 	action := 3 + spopVarintLen(uint64(len(name))) + len(name) + 1   // type, nb-args, scope, name, value type
-	room := maxFrameSize - 1 - head - action
+	errorVar := 3 + 1 + len("error") + 1                             // the same for the BOOL txn.<prefix>.error
+	room := maxFrameSize - 1 - head - action - errorVar
 	n := room - spopVarintLen(uint64(room))
 	for n+spopVarintLen(uint64(n)) > room {
 		n--

@@ -470,9 +470,9 @@ func testHandlerErrors(t *testing.T, hp haproxyBinary) {
 			return err
 		}
 		switch {
-		case path.Equal("/error"):
+		case path.EqualString("/error"):
 			return errors.New("handler failure on purpose")
-		case path.Equal("/panic"):
+		case path.EqualString("/panic"):
 			panic("handler panic on purpose")
 		}
 		return nil
@@ -593,7 +593,7 @@ func testPipelining(t *testing.T, hp haproxyBinary, pc pipeliningCase) {
 	var running, maxRunning atomic.Int32
 	a := &spoe.Agent{Handler: spoe.HandlerFunc(func(w *spoe.ActionWriter, r *spoe.Request) error {
 		m, _ := r.Message("slow")
-		if path, _ := m.Arg("path"); path.Equal("/slow") {
+		if path, _ := m.Arg("path"); path.EqualString("/slow") {
 			n := running.Add(1)
 			for old := maxRunning.Load(); n > old && !maxRunning.CompareAndSwap(old, n); old = maxRunning.Load() {
 			}
@@ -755,7 +755,7 @@ func testAsyncReroute(t *testing.T, hp haproxyBinary) {
 	agent := startAgent(t, &spoe.Agent{Handler: spoe.HandlerFunc(func(w *spoe.ActionWriter, r *spoe.Request) error {
 		m, _ := r.Message("held")
 		path, _ := m.Arg("path")
-		if path.Equal("/a") {
+		if path.EqualString("/a") {
 			close(startedA)
 			select {
 			case <-releaseA:
@@ -834,7 +834,7 @@ func testMaxEngines(t *testing.T, hp haproxyBinary) {
 	agent := startAgent(t, &spoe.Agent{MaxEngines: 1, Handler: spoe.HandlerFunc(func(w *spoe.ActionWriter, r *spoe.Request) error {
 		m, _ := r.Message("held")
 		path, _ := m.Arg("path")
-		if path.Equal("/slow") {
+		if path.EqualString("/slow") {
 			started <- struct{}{}
 			select {
 			case <-release:

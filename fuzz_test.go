@@ -400,7 +400,7 @@ func FuzzTypedValue(f *testing.F) {
 			data, ok := v.Bytes()
 			check(t, ok, "accessor of its own type")
 			checkBytes(t, data, b[end-len(data):end], "bytes")
-			check(t, v.Equal(string(data)), "v.Equal(string(data))")
+			check(t, v.EqualString(string(data)), "v.EqualString(string(data))")
 		default: // integers
 			switch v.typ {
 			case TypeUint32:
@@ -650,7 +650,7 @@ func FuzzHello(f *testing.F) {
 			kvs, err := readKVList(fr.payload)
 			require.NoError(t, err)
 			require.Len(t, kvs, 3)
-			require.True(t, kvs[0].value.Equal("2.0"))
+			require.True(t, kvs[0].value.EqualString("2.0"))
 			n, _ := kvs[1].value.Uint()
 			require.Equal(t, uint64(size), n)
 			s, _ := stringValue(kvs[2].value)

@@ -190,7 +190,7 @@ func TestNoPipeliningToHAProxy3(t *testing.T) {
 	} {
 		addr := startAgentAsIs(t, &Agent{keepPipelining: tt.keep})
 		h := dialRaw(t, addr).hello(tt.offered, "e1", 16380)
-		if !h["capabilities"].Equal(tt.want) {
+		if !h["capabilities"].EqualString(tt.want) {
 			t.Errorf("HAProxy offers %q (keep %v): agent answers %v, want %q", tt.offered, tt.keep, h["capabilities"], tt.want)
 		}
 	}

@@ -174,7 +174,7 @@ func putExchange(ex *exchange) {
 	if poisonViews {
 		return // a fresh one each time, so that a kept view stays sealed
 	}
-	ex.req = Request{names: ex.req.names}
+	ex.req = Request{names: ex.req.names, sub: ex.req.sub}
 	if cap(ex.ack) > 64<<10 {
 		ex.ack = nil
 	}
@@ -310,7 +310,7 @@ func (c *conn) run(ex *exchange, sampled bool) []byte {
 	serveNotify(c.cfg, c.stats, &ex.w, &ex.req)
 	if sampled {
 		d := monotime() - start
-		c.stats.observeHandler(d, latencySampling)
+		c.stats.observeHandler(d, latencySampling, &ex.req)
 		c.sched.observe(d)
 	}
 	ack := ex.w.finish()

@@ -24,10 +24,14 @@
 // # Two ways to handle
 //
 // MessageHandler, the function above, receives every message with its
-// arguments decoded to Go values and returns actions. Handler is the
-// zero-copy path under it: a Request whose messages and typed arguments are
-// read lazily from the frame, and an ActionWriter that appends actions
-// straight into the ACK. Both are served by the same engine.
+// arguments decoded to Go values and returns actions;
+// ContextMessageHandler is the same with a context first (cancelled when
+// HAProxy gives up or the agent closes, carrying the request's ids: see
+// Request.Context and RequestInfoFromContext). Handler is the zero-copy path
+// under them: a Request whose messages and typed arguments are read lazily
+// from the frame, and an ActionWriter that appends actions straight into
+// the ACK. All are served by the same engine, and a Router sends each
+// message to the Handler registered for its name.
 //
 // # Protocol
 //
@@ -79,9 +83,11 @@
 //
 // SPOP has no error status per frame. When a handler returns an error or
 // panics, the agent answers at once with the variable txn.<prefix>.error
-// (Agent.ErrorVar) set to true, and logs and counts the error. A variable
-// that HAProxy would drop silently (a bad name, a value SPOP cannot carry,
-// an ACK over max-frame-size) is left out, logged and counted.
+// (Agent.ErrorVar) set to true, and logs and counts the error. An action
+// HAProxy would drop silently (a bad name, a value SPOP cannot carry, an
+// ACK over max-frame-size) is left out, logged and counted, and the same
+// variable is set beside the actions that went, so that a rule can fail
+// closed; room for it is kept in every ACK.
 package spoe
 
 import (
@@ -188,9 +194,12 @@ type Agent struct {
 
 	// ErrorVar is the name of the transaction variable the agent sets to
 	// true (txn.<prefix>.<ErrorVar>) in place of the handler's actions when
-	// the handler fails. Zero means DefaultErrorVar, which is the name to
-	// give HAProxy's own "option set-on-error" too, so that one variable
-	// tells every failure: "-" turns it off.
+	// the handler fails, and beside them when an action was left out of the
+	// ACK (invalid name or value, or too big for the negotiated
+	// max-frame-size: the room this variable takes is kept free in every
+	// ACK, so it always fits). Zero means DefaultErrorVar, which is the
+	// name to give HAProxy's own "option set-on-error" too, so that one
+	// variable tells every failure: "-" turns it off.
 	ErrorVar string
 
 	// VarPrefix is HAProxy's var-prefix for this agent ("option
