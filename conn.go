@@ -271,13 +271,20 @@ func (c *conn) onDisconnect(f *frame) error {
 		entry.Warn("spoe: HAProxy closed the connection on an error")
 	}
 	// HAProxy reads nothing but the AGENT-DISCONNECT from now on: with
-	// async, the ACKs gathered go to another connection of the engine.
-	if c.engine != nil {
-		c.rerouteOut()
+	// async, the ACKs gathered go to another connection of the engine,
+	// once this one takes no more frames (the AGENT-DISCONNECT closes it
+	// for writing), so that the engine cannot choose it.
+	var held []byte
+	if c.engine != nil && c.out != nil && len(c.out.b) > 0 {
+		held = append(held, c.out.b...)
+		c.out.b = c.out.b[:0]
 	} else {
 		_ = c.flush()
 	}
 	c.disconnect(d.status, d.status.String())
+	if held != nil {
+		c.reroute(held)
+	}
 	return errPeerClosed
 }
 
@@ -365,12 +372,15 @@ func (c *conn) end(err error) {
 	case endDraining:
 		// Shutdown: handle what HAProxy already sent, let the running
 		// handlers finish and their ACKs out, then say goodbye.
-		derr := c.drain()
-		if errors.Is(derr, errLostRole) {
-			return // a handler was rescued: its rescuer goes on draining
-		}
-		if derr != nil && !errors.Is(derr, errPeerClosed) {
-			c.log().WithError(derr).Debug("spoe: while draining")
+		if c.handshaken { // before it, no NOTIFY may be handled
+			derr := c.drain()
+			if errors.Is(derr, errLostRole) {
+				return // a handler was rescued: its rescuer goes on draining
+			}
+			if derr != nil && !errors.Is(derr, errPeerClosed) {
+				c.log().WithError(derr).Debug("spoe: while draining")
+			}
+			c.disarm() // inline handlers of the drain armed it again
 		}
 		_ = c.flush()
 		c.slots.waitBelow(1)
@@ -455,8 +465,7 @@ func (c *conn) unref() {
 	c.rd.release()
 	c.idle()
 	if c.watch.timer != nil {
-		c.watch.armed.Store(false)
-		c.watch.timer.Stop()
+		c.disarm()
 	}
 	c.agent.trackConn(c, false)
 }

@@ -108,7 +108,7 @@ func (r *Request) routed(it *MessageIterator) *Request {
 // messages and notes where the first ones are.
 func (r *Request) indexMessages(payload []byte) error {
 	r.payload, r.nmsgs = payload, 0
-	if len(payload) > 1<<32-1 {
+	if uint64(len(payload)) > 1<<32-1 {
 		return errTruncated // no frame is this big; offsets are uint32
 	}
 	for off := 0; off < len(payload); {

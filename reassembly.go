@@ -94,6 +94,7 @@ func (c *conn) checkReassembly() {
 	c.stats.notifyTooBig.Add(1)
 	c.cfg.logger.WithField("stream_id", c.frag.streamID).WithField("frame_id", c.frag.frameID).
 		Warnf("spoe: fragmented NOTIFY above %d bytes: aborted", maxReassembled)
-	c.out.b = appendFrame(c.outBuf(), frameAck, flagFin|flagAbort, c.frag.streamID, c.frag.frameID, nil)
+	b := c.outBuf() // before c.out is read: it may take the buffer
+	c.out.b = appendFrame(b, frameAck, flagFin|flagAbort, c.frag.streamID, c.frag.frameID, nil)
 	c.frag.abort()
 }

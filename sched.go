@@ -215,8 +215,9 @@ type inlineWatch struct {
 	// state is seq<<2 | stateRescuing | stateInline, seq counting inline
 	// handler calls and rescues.
 	state    atomic.Uint64
-	timer    *time.Timer // the reading role's
-	armed    atomic.Bool
+	timer    *time.Timer   // the reading role's
+	armMu    sync.Mutex    // orders arming, disarming and re-arming the timer
+	armed    atomic.Bool   // changed under armMu
 	lastSeen atomic.Uint64 // the state the previous firing saw
 }
 
@@ -268,8 +269,10 @@ func (c *conn) handle(streamID, frameID uint64, payload []byte) error {
 		// Arming counts as the timer's first sight of this handler: if
 		// it still runs at the first firing, it is rescued then.
 		w.lastSeen.Store(inline)
+		w.armMu.Lock()
 		w.armed.Store(true)
 		w.timer.Reset(inlineBudget)
+		w.armMu.Unlock()
 	}
 	in := c.rd.in
 	// Invariant 2: from here until the CompareAndSwap succeeds, touch no
@@ -367,20 +370,25 @@ func (c *conn) release() {
 
 // disarm stops the rescue timer before the reading role blocks or ends.
 func (c *conn) disarm() {
-	if c.watch.armed.Load() {
-		c.watch.armed.Store(false)
-		c.watch.timer.Stop()
+	w := &c.watch
+	if w.armed.Load() {
+		w.armMu.Lock()
+		w.armed.Store(false)
+		w.timer.Stop()
+		w.armMu.Unlock()
 	}
 }
 
 // rearm sets the rescue timer off again, unless the reading role disarmed
-// it meanwhile: disarm clears armed before it stops the timer, so
-// whichever comes last wins.
+// it meanwhile (under armMu, so that a disarm and a new arming between
+// its check and its Reset cannot leave the timer stopped while armed).
 func (c *conn) rearm() {
-	c.watch.timer.Reset(inlineBudget)
-	if !c.watch.armed.Load() {
-		c.watch.timer.Stop()
+	w := &c.watch
+	w.armMu.Lock()
+	if w.armed.Load() {
+		w.timer.Reset(inlineBudget)
 	}
+	w.armMu.Unlock()
 }
 
 // rescue runs in the timer's goroutine every inlineBudget while inline
@@ -404,7 +412,9 @@ func (c *conn) rescue() {
 	c.rd.detach()
 	c.frag = c.frag.detached()
 	c.ex = nil
+	w.armMu.Lock()
 	w.armed.Store(false) // armed again by the next inline handler
+	w.armMu.Unlock()
 	w.state.Store(s&^(stateInline|stateRescuing) + stateSeq)
 	// The ACKs gathered before the slow frame must not wait for it.
 	err := c.flush()

@@ -166,7 +166,8 @@ func (c *conn) outBuf() []byte {
 
 // gather adds frames to those written before the next blocking read.
 func (c *conn) gather(frames []byte) {
-	c.out.b = append(c.outBuf(), frames...)
+	b := c.outBuf() // before c.out is read: it may take the buffer
+	c.out.b = append(b, frames...)
 }
 
 // flush writes the gathered frames.
