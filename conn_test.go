@@ -306,3 +306,29 @@ func TestQuickHandlersInline(t *testing.T) {
 	// machine, the race detector) is rescued, harmlessly: rare, not never.
 	assert.Less(t, a.Stats().Rescues, uint64(32), "of 3,200 requests")
 }
+
+// TestNoACKAfterHAProxyDisconnect: HAProxy reads nothing but the
+// AGENT-DISCONNECT after its own DISCONNECT. With async, the ACKs gathered
+// when it arrives go to the engine, which must not write them on the
+// connection that got the DISCONNECT (it did, when that connection still
+// accepted frames while the engine chose one, and counted them rerouted).
+// Here the engine has no other connection: nothing may be rerouted, and
+// the connection ends with the AGENT-DISCONNECT.
+func TestNoACKAfterHAProxyDisconnect(t *testing.T) {
+	for i := 0; i < 50; i++ {
+		a := New(seedHandler)
+		p := dialRaw(t, startAgent(t, a))
+		p.hello("pipelining,async", "engine-N", 16380)
+		var burst []byte
+		for fid := uint64(1); fid <= 8; fid++ {
+			burst = append(burst, notifyNamed("ip-rep", fid, fid)...)
+		}
+		burst = append(burst, rawFrame(frameHAProxyDisconnect, flagFin, 0, 0, helloPayload("status-code", uint32(0), "message", "normal"))...)
+		p.send(burst)
+		for f := p.next(); f.typ != frameAgentDisconnect; f = p.next() {
+			require.Equal(t, frameAck, f.typ)
+		}
+		p.nc.Close()
+		require.Zero(t, a.Stats().ACKsRerouted, "round %d: ACKs written on the connection HAProxy disconnected", i)
+	}
+}
