@@ -143,13 +143,6 @@ func (s *scriptedConn) SetDeadline(time.Time) error      { return nil }
 func (s *scriptedConn) SetReadDeadline(time.Time) error  { return nil }
 func (s *scriptedConn) SetWriteDeadline(time.Time) error { return nil }
 
-// writing reports whether c has a write under way.
-func (c *conn) isWriting() bool {
-	c.wr.mu.Lock()
-	defer c.wr.mu.Unlock()
-	return c.wr.writing
-}
-
 // TestFailedWriteHandsOver: when a combined write fails, the frames it had
 // not written, its own and those other goroutines queued behind it, go to
 // the engine once each; only ACKs, never an AGENT-DISCONNECT; and a caller
