@@ -30,7 +30,10 @@ import (
 
 const txn = spoe.VarScopeTransaction
 
-func TestE2E(t *testing.T) {
+// TestE2EScenariosPerVersion runs the protocol scenarios (types, several
+// messages, events, errors, checks, pipelining, fragments...) against each
+// HAProxy version; each subtest is named after what it checks.
+func TestE2EScenariosPerVersion(t *testing.T) {
 	forEachHAProxy(t, func(t *testing.T, hp haproxyBinary) {
 		t.Logf("HAProxy %s at %s", hp.version, hp.path)
 		t.Run("types", func(t *testing.T) { testTypeRoundTrip(t, hp) })
