@@ -382,15 +382,10 @@ func TestFragmentsWithoutCapability(t *testing.T) {
 // closed leaves on another connection of the same engine, never on another
 // engine's.
 func TestAsyncACKOnSibling(t *testing.T) {
-	g := newGate()
-	a := &Agent{Handler: g}
-	addr := startAgent(t, a)
-	origin := dialRaw(t, addr)
-	origin.hello("pipelining,async", "engine-A", 16380)
-	sibling := dialRaw(t, addr)
-	sibling.hello("pipelining,async", "engine-A", 16380)
-	stranger := dialRaw(t, addr)
-	stranger.hello("pipelining,async", "engine-B", 16380)
+	a, g, addr := gatedAgent(t)
+	origin := dialEngine(t, addr, "pipelining,async", "engine-A")
+	sibling := dialEngine(t, addr, "pipelining,async", "engine-A")
+	stranger := dialEngine(t, addr, "pipelining,async", "engine-B")
 
 	origin.send(notifyNamed("slow", 77, 3))
 	<-g.started
@@ -411,13 +406,9 @@ func TestAsyncACKOnSibling(t *testing.T) {
 // TestNoRerouteWithoutAsync: without async the ACK of a dead connection is
 // dropped, not sent on another connection.
 func TestNoRerouteWithoutAsync(t *testing.T) {
-	g := newGate()
-	a := &Agent{Handler: g}
-	addr := startAgent(t, a)
-	origin := dialRaw(t, addr)
-	origin.hello("pipelining", "engine-A", 16380)
-	sibling := dialRaw(t, addr)
-	sibling.hello("pipelining", "engine-A", 16380)
+	a, g, addr := gatedAgent(t)
+	origin := dialEngine(t, addr, "pipelining", "engine-A")
+	sibling := dialEngine(t, addr, "pipelining", "engine-A")
 	origin.send(notifyNamed("slow", 77, 3))
 	<-g.started
 	origin.nc.Close()
@@ -591,11 +582,8 @@ func TestClientClose(t *testing.T) {
 // no other connection of its engine was alive waits for the next one
 // HAProxy opens with that engine-id.
 func TestAsyncEngineLingers(t *testing.T) {
-	g := newGate()
-	a := &Agent{Handler: g}
-	addr := startAgent(t, a)
-	origin := dialRaw(t, addr)
-	origin.hello("pipelining,async", "engine-L", 16380)
+	a, g, addr := gatedAgent(t)
+	origin := dialEngine(t, addr, "pipelining,async", "engine-L")
 	origin.send(notifyNamed("slow", 41, 2))
 	<-g.started
 	origin.nc.Close()
@@ -604,16 +592,14 @@ func TestAsyncEngineLingers(t *testing.T) {
 	waitFor(t, func() bool { return a.Stats().InFlight == 0 }, "the handler returned")
 	assert.Zero(t, a.Stats().ACKsDropped, "held by the lingering engine")
 
-	next := dialRaw(t, addr)
-	next.hello("pipelining,async", "engine-L", 16380)
+	next := dialEngine(t, addr, "pipelining,async", "engine-L")
 	f := next.next()
 	assert.Equal(t, frameAck, f.typ)
 	assert.Equal(t, uint64(41), f.streamID)
 	assert.Equal(t, uint64(2), f.frameID)
 	waitFor(t, func() bool { return a.Stats().ACKsRerouted == 1 }, "the ACK counted as rerouted")
 
-	other := dialRaw(t, addr)
-	other.hello("pipelining,async", "engine-M", 16380)
+	other := dialEngine(t, addr, "pipelining,async", "engine-M")
 	other.send(notifyNamed("quick", 5, 1))
 	assert.Equal(t, uint64(5), other.next().streamID, "the other engine saw nothing of engine-L's ACK")
 	assert.Zero(t, a.Stats().HandlerPanics)

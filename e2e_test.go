@@ -748,6 +748,23 @@ spoe-message caps
 	expectList(t, "capabilities the agent announced", caps, want)
 }
 
+// heldSetup sends the path of each request to the agent at addr in a
+// message "held", and returns the agent's txn.held (or its error) in
+// headers x-held and x-spoe-error.
+func heldSetup(addr string) haproxySetup {
+	return haproxySetup{
+		AgentAddr:       addr,
+		AgentDirectives: "messages held",
+		SpoeSections: `
+spoe-message held
+    args path=path
+    event on-frontend-http-request
+`,
+		Frontend: "http-after-response set-header x-held %[var(txn.e2e.held)] if { var(txn.e2e.held) -m found }\n" +
+			"http-after-response set-header x-spoe-error %[var(txn.e2e.spoe_error)] if { var(txn.e2e.spoe_error) -m found }",
+	}
+}
+
 // ---------------------------------------------------------------------------
 // i (bonus). Async on 2.6: an ACK whose connection is gone leaves on a sibling
 // connection of the same engine, and HAProxy applies it.
@@ -769,17 +786,7 @@ func testAsyncReroute(t *testing.T, hp haproxyBinary) {
 		b, _ := path.Bytes()
 		return w.SetStringBytes(txn, "held", b)
 	})})
-	h := startHAProxy(t, hp, haproxySetup{
-		AgentAddr:       agent.addr,
-		AgentDirectives: "messages held",
-		SpoeSections: `
-spoe-message held
-    args path=path
-    event on-frontend-http-request
-`,
-		Frontend: "http-after-response set-header x-held %[var(txn.e2e.held)] if { var(txn.e2e.held) -m found }\n" +
-			"http-after-response set-header x-spoe-error %[var(txn.e2e.spoe_error)] if { var(txn.e2e.spoe_error) -m found }",
-	})
+	h := startHAProxy(t, hp, heldSetup(agent.addr))
 	c := newClient(t, false)
 
 	// A's NOTIFY waits on the only connection there is...
@@ -858,17 +865,7 @@ func testMaxEngines(t *testing.T, hp haproxyBinary) {
 	}
 	defer filler.Close()
 
-	h := startHAProxy(t, hp, haproxySetup{
-		AgentAddr:       agent.addr,
-		AgentDirectives: "messages held",
-		SpoeSections: `
-spoe-message held
-    args path=path
-    event on-frontend-http-request
-`,
-		Frontend: "http-after-response set-header x-held %[var(txn.e2e.held)] if { var(txn.e2e.held) -m found }\n" +
-			"http-after-response set-header x-spoe-error %[var(txn.e2e.spoe_error)] if { var(txn.e2e.spoe_error) -m found }",
-	})
+	h := startHAProxy(t, hp, heldSetup(agent.addr))
 	c := newClient(t, false)
 	for i := 0; i < 5; i++ {
 		expectHeader(t, get(t, c, h.url+"/fast"), "x-held", "/fast")

@@ -294,3 +294,21 @@ func notifyNamed(name string, sid, fid uint64) []byte {
 	payload, _ := appendMessages(nil, []ClientMessage{{Name: name}})
 	return rawFrame(frameNotify, flagFin, sid, fid, payload)
 }
+
+// gatedAgent serves (startAgent) an agent whose Handler is a new gate.
+func gatedAgent(t testing.TB) (*Agent, *gate, string) {
+	t.Helper()
+	g := newGate()
+	a := &Agent{Handler: g}
+	return a, g, startAgent(t, a)
+}
+
+// dialEngine opens a raw connection to the agent at addr and does the
+// handshake as a HAProxy offering caps, with that engine-id and a
+// max-frame-size of 16380.
+func dialEngine(t testing.TB, addr, caps, engineID string) *rawPeer {
+	t.Helper()
+	p := dialRaw(t, addr)
+	p.hello(caps, engineID, 16380)
+	return p
+}

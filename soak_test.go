@@ -1275,10 +1275,8 @@ func TestSoakReproRerouteAfterWriteError(t *testing.T) {
 		KeepPipelining: true, // the Client offers what 3.1+ does (see startAgent)
 		Wrap:           func(l net.Listener) net.Listener { return &soakResetListener{Listener: l} },
 	})
-	origin := dialRaw(t, addr)
-	origin.hello("pipelining,async", "engine-A", 16380)
-	sibling := dialRaw(t, addr)
-	sibling.hello("pipelining,async", "engine-A", 16380)
+	origin := dialEngine(t, addr, "pipelining,async", "engine-A")
+	sibling := dialEngine(t, addr, "pipelining,async", "engine-A")
 
 	payload, _ := appendMessages(nil, []ClientMessage{{Name: "m"}})
 	origin.send(rawFrame(frameNotify, flagFin, 41, 1, payload))
@@ -1304,10 +1302,8 @@ func TestSoakReproNoACKAfterHAProxyDisconnect(t *testing.T) {
 		return w.SetUint(VarScopeTransaction, "sid", r.StreamID())
 	})}
 	addr := startAgent(t, a)
-	origin := dialRaw(t, addr)
-	origin.hello("pipelining,async", "engine-A", 16380)
-	sibling := dialRaw(t, addr)
-	sibling.hello("pipelining,async", "engine-A", 16380)
+	origin := dialEngine(t, addr, "pipelining,async", "engine-A")
+	sibling := dialEngine(t, addr, "pipelining,async", "engine-A")
 
 	// One write: the agent reads the NOTIFY and the DISCONNECT together,
 	// so its ACK cannot have crossed the DISCONNECT.
