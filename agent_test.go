@@ -17,171 +17,6 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
-// startAgent serves a on a loopback listener and returns its address. The
-// agent is closed, and Serve's return checked, when the test ends.
-//
-// The Client offers what HAProxy 3.1+ offers, to which the agent does not
-// answer "pipelining" by default (agentCaps); these tests are about how
-// the agent handles pipelined frames, so it keeps it here. The default is
-// tested by TestNoPipeliningToHAProxy3 and end to end.
-func startAgent(t testing.TB, a *Agent) string {
-	t.Helper()
-	a.keepPipelining = true
-	return startAgentAsIs(t, a)
-}
-
-// startAgentAsIs is startAgent without keepPipelining set.
-func startAgentAsIs(t testing.TB, a *Agent) string {
-	t.Helper()
-	if a.Logger == nil {
-		l, _ := test.NewNullLogger()
-		l.SetLevel(logrus.DebugLevel)
-		a.Logger = l
-	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	served := make(chan error, 1)
-	go func() { served <- a.Serve(l) }()
-	t.Cleanup(func() {
-		_ = a.Close()
-		select {
-		case err := <-served:
-			assert.ErrorIs(t, err, ErrAgentClosed)
-		case <-time.After(5 * time.Second):
-			t.Error("Serve did not return after Close")
-		}
-	})
-	return l.Addr().String()
-}
-
-// dialAgent connects a Client with cfg.
-func dialAgent(t testing.TB, addr string, cfg ClientConfig) *Client {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	c, err := Dial(ctx, "tcp", addr, cfg)
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = c.Close() })
-	return c
-}
-
-// notifyCtx bounds a test's requests: generous, as CI machines are shared.
-func notifyCtx(t testing.TB) context.Context {
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	t.Cleanup(cancel)
-	return ctx
-}
-
-// rawPeer speaks SPOP frame by frame, for what the Client will not send.
-type rawPeer struct {
-	t  testing.TB
-	nc net.Conn
-}
-
-func dialRaw(t testing.TB, addr string) *rawPeer {
-	t.Helper()
-	nc, err := net.DialTimeout("tcp", addr, 5*time.Second)
-	require.NoError(t, err)
-	t.Cleanup(func() { nc.Close() })
-	return &rawPeer{t: t, nc: nc}
-}
-
-func rawFrame(typ frameType, flags uint32, sid, fid uint64, payload []byte) []byte {
-	b, start := appendFrameHeader(nil, typ, flags, sid, fid)
-	b = append(b, payload...)
-	finishFrame(b, start)
-	return b
-}
-
-func (p *rawPeer) send(b []byte) {
-	p.t.Helper()
-	_, err := p.nc.Write(b)
-	require.NoError(p.t, err)
-}
-
-// hello sends a HAPROXY-HELLO and returns the AGENT-HELLO's keys.
-func (p *rawPeer) hello(caps, engineID string, maxFrame uint32) map[string]Value {
-	p.t.Helper()
-	kvs := []interface{}{"supported-versions", "2.0", "max-frame-size", maxFrame, "capabilities", caps}
-	if engineID != "" {
-		kvs = append(kvs, "engine-id", engineID)
-	}
-	p.send(rawFrame(frameHAProxyHello, flagFin, 0, 0, helloPayload(kvs...)))
-	f := p.next()
-	require.Equal(p.t, frameAgentHello, f.typ)
-	m := map[string]Value{}
-	for off := 0; off < len(f.payload); {
-		e, next, err := readKV(f.payload, off)
-		require.NoError(p.t, err)
-		m[string(e.key)] = e.value
-		off = next
-	}
-	return m
-}
-
-// next reads one frame from the agent.
-func (p *rawPeer) next() frame {
-	p.t.Helper()
-	f, err := p.tryNext()
-	require.NoError(p.t, err)
-	return f
-}
-
-func (p *rawPeer) tryNext() (frame, error) {
-	_ = p.nc.SetReadDeadline(time.Now().Add(10 * time.Second))
-	b, err := readFrame(p.nc, nil, 1<<20)
-	if err != nil {
-		return frame{}, err
-	}
-	return parseFrame(b)
-}
-
-// expectDisconnect reads an AGENT-DISCONNECT with that status, then the
-// connection's end.
-func (p *rawPeer) expectDisconnect(want Status) {
-	p.t.Helper()
-	f := p.next()
-	require.Equal(p.t, frameAgentDisconnect, f.typ, "expected AGENT-DISCONNECT")
-	assert.Equal(p.t, flagFin, f.flags)
-	d, err := parseDisconnect(f.payload)
-	require.NoError(p.t, err)
-	assert.Equal(p.t, want, d.status, "status (message %q)", d.message)
-	p.expectClosed()
-}
-
-// expectClosed closes the peer's side, as HAProxy does after the agent's
-// last frame, and reads until the agent closes the connection too.
-func (p *rawPeer) expectClosed() {
-	p.t.Helper()
-	_ = p.nc.(*net.TCPConn).CloseWrite()
-	_ = p.nc.SetReadDeadline(time.Now().Add(10 * time.Second))
-	n, err := io.Copy(io.Discard, p.nc)
-	if err != nil && !isNormalEnd(err) {
-		p.t.Fatalf("expected the agent to close, got %v", err)
-	}
-	assert.Zero(p.t, n, "no frame after the end")
-}
-
-func ipRep(ip net.IP) ClientMessage {
-	return ClientMessage{Name: "ip-rep", Args: []Arg{{"ip", ip}}}
-}
-
-// seedHandler is the design card's handler with a fixed reputation.
-func seedHandler(messages []Message) ([]Action, error) {
-	reputation := 0.0
-	for _, msg := range messages {
-		if msg.Name != "ip-rep" {
-			continue
-		}
-		ip, ok := msg.Args["ip"].(net.IP)
-		if !ok {
-			return nil, errors.New("expected ip in message")
-		}
-		reputation = float64(ip[len(ip)-1]) / 4
-	}
-	return []Action{ActionSetVar{Name: "reputation", Scope: VarScopeSession, Value: reputation}}, nil
-}
-
 func TestSeedHandlerRoundTrip(t *testing.T) {
 	addr := startAgent(t, New(seedHandler))
 	c := dialAgent(t, addr, ClientConfig{})
@@ -551,15 +386,10 @@ func TestFragmentsWithoutCapability(t *testing.T) {
 // closed leaves on another connection of the same engine, never on another
 // engine's.
 func TestAsyncACKOnSibling(t *testing.T) {
-	g := newGate()
-	a := &Agent{Handler: g}
-	addr := startAgent(t, a)
-	origin := dialRaw(t, addr)
-	origin.hello("pipelining,async", "engine-A", 16380)
-	sibling := dialRaw(t, addr)
-	sibling.hello("pipelining,async", "engine-A", 16380)
-	stranger := dialRaw(t, addr)
-	stranger.hello("pipelining,async", "engine-B", 16380)
+	a, g, addr := gatedAgent(t)
+	origin := dialEngine(t, addr, "pipelining,async", "engine-A")
+	sibling := dialEngine(t, addr, "pipelining,async", "engine-A")
+	stranger := dialEngine(t, addr, "pipelining,async", "engine-B")
 
 	origin.send(notifyNamed("slow", 77, 3))
 	<-g.started
@@ -580,13 +410,9 @@ func TestAsyncACKOnSibling(t *testing.T) {
 // TestNoRerouteWithoutAsync: without async the ACK of a dead connection is
 // dropped, not sent on another connection.
 func TestNoRerouteWithoutAsync(t *testing.T) {
-	g := newGate()
-	a := &Agent{Handler: g}
-	addr := startAgent(t, a)
-	origin := dialRaw(t, addr)
-	origin.hello("pipelining", "engine-A", 16380)
-	sibling := dialRaw(t, addr)
-	sibling.hello("pipelining", "engine-A", 16380)
+	a, g, addr := gatedAgent(t)
+	origin := dialEngine(t, addr, "pipelining", "engine-A")
+	sibling := dialEngine(t, addr, "pipelining", "engine-A")
 	origin.send(notifyNamed("slow", 77, 3))
 	<-g.started
 	origin.nc.Close()
@@ -756,40 +582,12 @@ func TestClientClose(t *testing.T) {
 	waitFor(t, func() bool { return a.Stats().DisconnectsOut[StatusNormal] == 1 }, "AGENT-DISCONNECT counted")
 }
 
-// waitFor polls cond until it holds or 10 s pass.
-func waitFor(t testing.TB, cond func() bool, what string) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for: %s", what)
-		}
-		time.Sleep(time.Millisecond)
-	}
-}
-
-// lookup returns the number of live connections of the engine id.
-func (r *engines) lookup(id string) int {
-	r.mu.Lock()
-	e := r.m[id]
-	r.mu.Unlock()
-	if e == nil {
-		return 0
-	}
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	return len(e.conns)
-}
-
 // TestAsyncEngineLingers: with async, an ACK whose connection closed while
 // no other connection of its engine was alive waits for the next one
 // HAProxy opens with that engine-id.
 func TestAsyncEngineLingers(t *testing.T) {
-	g := newGate()
-	a := &Agent{Handler: g}
-	addr := startAgent(t, a)
-	origin := dialRaw(t, addr)
-	origin.hello("pipelining,async", "engine-L", 16380)
+	a, g, addr := gatedAgent(t)
+	origin := dialEngine(t, addr, "pipelining,async", "engine-L")
 	origin.send(notifyNamed("slow", 41, 2))
 	<-g.started
 	origin.nc.Close()
@@ -798,16 +596,14 @@ func TestAsyncEngineLingers(t *testing.T) {
 	waitFor(t, func() bool { return a.Stats().InFlight == 0 }, "the handler returned")
 	assert.Zero(t, a.Stats().ACKsDropped, "held by the lingering engine")
 
-	next := dialRaw(t, addr)
-	next.hello("pipelining,async", "engine-L", 16380)
+	next := dialEngine(t, addr, "pipelining,async", "engine-L")
 	f := next.next()
 	assert.Equal(t, frameAck, f.typ)
 	assert.Equal(t, uint64(41), f.streamID)
 	assert.Equal(t, uint64(2), f.frameID)
 	waitFor(t, func() bool { return a.Stats().ACKsRerouted == 1 }, "the ACK counted as rerouted")
 
-	other := dialRaw(t, addr)
-	other.hello("pipelining,async", "engine-M", 16380)
+	other := dialEngine(t, addr, "pipelining,async", "engine-M")
 	other.send(notifyNamed("quick", 5, 1))
 	assert.Equal(t, uint64(5), other.next().streamID, "the other engine saw nothing of engine-L's ACK")
 	assert.Zero(t, a.Stats().HandlerPanics)
@@ -833,39 +629,6 @@ func TestAsyncEngineExpires(t *testing.T) {
 	waitFor(t, func() bool { return a.engines.lookup("engine-X") == 0 && !a.engines.has("engine-X") }, "the engine expired")
 	close(release)
 	waitFor(t, func() bool { return a.Stats().ACKsDropped == 1 }, "the ACK dropped")
-}
-
-// has reports whether the engine id is registered, lingering or not.
-func (r *engines) has(id string) bool {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.m[id] != nil
-}
-
-// gate is a Handler that blocks on messages named "slow" until release is
-// closed, signalling started as each does, and answers every frame with
-// txn.sid set to its stream-id.
-type gate struct {
-	started chan struct{}
-	release chan struct{}
-}
-
-func newGate() *gate {
-	return &gate{started: make(chan struct{}, 16), release: make(chan struct{})}
-}
-
-func (g *gate) ServeSPOE(w *ActionWriter, r *Request) error {
-	if msgs := r.Messages(); msgs.Next() && msgs.NameIs("slow") {
-		g.started <- struct{}{}
-		<-g.release
-	}
-	return w.SetInt(VarScopeTransaction, "sid", int64(r.StreamID()))
-}
-
-// notifyNamed is a NOTIFY frame of one message without arguments.
-func notifyNamed(name string, sid, fid uint64) []byte {
-	payload, _ := appendMessages(nil, []ClientMessage{{Name: name}})
-	return rawFrame(frameNotify, flagFin, sid, fid, payload)
 }
 
 // TestOversizedNotifyFailsOneEvent: HAProxy 3.1.0 may send a NOTIFY above

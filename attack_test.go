@@ -371,13 +371,6 @@ func engineID(i, n int) string {
 	return id[:n]
 }
 
-// engineCount is how many engines the agent holds, lingering ones included.
-func (r *engines) count() int {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return len(r.m)
-}
-
 // TestAttackEngineChurn (issue 11, case 3): short connections, each a
 // HELLO with async and an engine-id of its own, then a close. The engines
 // they leave must stay within the memory model: none lingers when it has

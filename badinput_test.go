@@ -20,10 +20,10 @@ const (
 	closesQuietly                // closed without a frame (the peer left)
 )
 
-// TestBadInput is the table of hostile or broken input, over a real socket.
+// TestBadInputHurtsOnlyItsConnection is the table of hostile or broken input, over a real socket.
 // Each row checks its outcome and that another connection of the same
 // agent is unaffected. The README's robustness table comes from it.
-func TestBadInput(t *testing.T) {
+func TestBadInputHurtsOnlyItsConnection(t *testing.T) {
 	notify := func(sid uint64) []byte {
 		payload, _ := appendMessages(nil, []ClientMessage{ipRep(net.IP{1, 2, 3, 4})})
 		return rawFrame(frameNotify, flagFin, sid, 1, payload)
@@ -125,9 +125,9 @@ func TestDuplicateIDsBothAnswered(t *testing.T) {
 	}
 }
 
-// TestSlowPeer: a peer sending one byte at a time cannot hold a connection
+// TestSlowPeerCannotOutlastReadTimeout: a peer sending one byte at a time cannot hold a connection
 // open past ReadTimeout: the frame's deadline runs from its first byte.
-func TestSlowPeer(t *testing.T) {
+func TestSlowPeerCannotOutlastReadTimeout(t *testing.T) {
 	a := &Agent{ReadTimeout: 500 * time.Millisecond}
 	p := dialRaw(t, startAgent(t, a))
 	p.hello("pipelining", "e", 16380)

@@ -103,14 +103,8 @@ func bindThroughAgent(t *testing.T, msg ClientMessage, newTarget func() interfac
 		fastErr = m.Bind(fast)
 		return nil
 	})
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	agent := quietAgent(&rt)
-	go agent.Serve(l)
-	defer agent.Close()
-	c, err := Dial(context.Background(), "tcp", l.Addr().String(), ClientConfig{})
+	addr := startAgent(t, quietAgent(&rt))
+	c, err := Dial(context.Background(), "tcp", addr, ClientConfig{})
 	if err != nil {
 		t.Fatal(err)
 	}

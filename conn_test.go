@@ -143,13 +143,6 @@ func (s *scriptedConn) SetDeadline(time.Time) error      { return nil }
 func (s *scriptedConn) SetReadDeadline(time.Time) error  { return nil }
 func (s *scriptedConn) SetWriteDeadline(time.Time) error { return nil }
 
-// writing reports whether c has a write under way.
-func (c *conn) isWriting() bool {
-	c.wr.mu.Lock()
-	defer c.wr.mu.Unlock()
-	return c.wr.writing
-}
-
 // TestFailedWriteHandsOver: when a combined write fails, the frames it had
 // not written, its own and those other goroutines queued behind it, go to
 // the engine once each; only ACKs, never an AGENT-DISCONNECT; and a caller
@@ -189,13 +182,9 @@ func ackFrame(sid uint64) []byte { return rawFrame(frameAck, flagFin, sid, 1, ni
 // DISCONNECT, a handler finishing on that connection does not write there:
 // its ACK goes to a sibling of the engine.
 func TestNoACKAfterOwnDisconnect(t *testing.T) {
-	g := newGate()
-	a := &Agent{Handler: g}
-	addr := startAgent(t, a)
-	origin := dialRaw(t, addr)
-	origin.hello("pipelining,async", "engine-D", 16380)
-	sibling := dialRaw(t, addr)
-	sibling.hello("pipelining,async", "engine-D", 16380)
+	a, g, addr := gatedAgent(t)
+	origin := dialEngine(t, addr, "pipelining,async", "engine-D")
+	sibling := dialEngine(t, addr, "pipelining,async", "engine-D")
 	origin.send(notifyNamed("slow", 9, 1))
 	<-g.started
 	waitFor(t, func() bool { return a.Stats().Rescues == 1 }, "the handler left to run on its own")

@@ -80,7 +80,7 @@ func runBigAnswers(t *testing.T, hp haproxyBinary, load bigAnswerLoad) bigAnswer
 	if load.pipelining {
 		spoe.KeepPipelining(a)
 	}
-	agent := startAgent(t, a)
+	agent := startAgentUnderTest(t, a)
 	serverOptions := "maxconn 2"
 	if load.noMaxconn {
 		serverOptions = ""

@@ -59,7 +59,7 @@ func TestE2EBotScore(t *testing.T) {
 			"127.0.0.1:8000": app.Listener.Addr().String(),
 		})
 		client := newClient(t, false)
-		waitFor(t, 10*time.Second, func() bool {
+		waitWithin(t, 10*time.Second, func() bool {
 			r, err := tryGet(client, url+"/", browser...)
 			return err == nil && r.header.Get("X-Bot-Score") != ""
 		}, "HAProxy and the agent answering")

@@ -41,7 +41,7 @@ func TestE2ECorrelateTransaction(t *testing.T) {
 			}
 			return []spoe.Action{spoe.ActionSetVar{Name: "pair", Scope: spoe.VarScopeTransaction, Value: path + "|" + token}}, nil
 		}))
-		agent := startAgent(t, &spoe.Agent{Handler: &router})
+		agent := startAgentUnderTest(t, &spoe.Agent{Handler: &router})
 		h := startHAProxy(t, hp, haproxySetup{
 			AgentAddr:       agent.addr,
 			AgentDirectives: "messages on-request on-response",

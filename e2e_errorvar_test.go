@@ -16,7 +16,7 @@ func TestE2EDroppedActionSetsErrorVar(t *testing.T) {
 		// The seed API cannot size its answers: on /big it answers a value
 		// over HAProxy's max-frame-size (tune.bufsize), on /bad-name a
 		// variable HAProxy would drop; each time beside a good one.
-		agent := startAgent(t, spoe.New(func(messages []spoe.Message) ([]spoe.Action, error) {
+		agent := startAgentUnderTest(t, spoe.New(func(messages []spoe.Message) ([]spoe.Action, error) {
 			path, _ := messages[0].ArgString("path")
 			actions := []spoe.Action{spoe.ActionSetVar{Name: "allowed", Scope: spoe.VarScopeTransaction, Value: true}}
 			switch path {

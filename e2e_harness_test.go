@@ -14,10 +14,12 @@ package spoe_test
 //   - startHAProxy writes haproxy.cfg and spoe.conf into a temporary folder,
 //     checks them with "haproxy -c", runs HAProxy in the foreground and
 //     stops it when the test ends, printing its output if the test failed.
-//   - startAgent serves a *spoe.Agent on a loopback port, shuts it down when
-//     the test ends, and keeps its connections and the AGENT-HELLO frames
-//     it wrote, decoded by the test's own small SPOP reader.
-//   - waitFor is the only way the tests wait: it polls a condition until a
+//   - startAgentUnderTest serves a *spoe.Agent with the package's one agent
+//     starter (helpers_test.go), shuts it down when the test ends, and keeps
+//     its connections and the AGENT-HELLO frames it wrote, decoded by the
+//     test's own small SPOP reader.
+//   - waitWithin (spoe.WaitWithinForTest, the package's one poll-until
+//     helper) is the only way the tests wait: it polls a condition until a
 //     deadline. Nothing sleeps to synchronise.
 
 import (
@@ -42,32 +44,15 @@ import (
 	"testing"
 	"time"
 
-	"github.com/sirupsen/logrus"
-
 	"github.com/spoe-go/spoe"
 )
 
 // ---------------------------------------------------------------------------
 // Waiting
 
-// waitFor polls cond with a short, growing backoff until it reports true,
-// and fails the test if it is still false after timeout.
-func waitFor(t testing.TB, timeout time.Duration, cond func() bool, what string) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	backoff := time.Millisecond
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", timeout, what)
-		}
-		// Polling interval, not synchronisation: the loop only proceeds
-		// once cond holds.
-		time.Sleep(backoff)
-		if backoff < 50*time.Millisecond {
-			backoff *= 2
-		}
-	}
-}
+// waitWithin polls cond until it holds, and fails the test if it still
+// does not after timeout: the package's one poll-until helper.
+var waitWithin = spoe.WaitWithinForTest
 
 // ---------------------------------------------------------------------------
 // Locating HAProxy
@@ -333,44 +318,23 @@ type agentUnderTest struct {
 	tap  *tapRecorder
 }
 
-// startAgent serves a on 127.0.0.1:0 until the test ends, then shuts it down
+// startAgentUnderTest serves a as every test of the package does
+// (spoe.ServeAgentForTest) until the test ends, then shuts it down
 // gracefully (Close if that takes too long) and checks that Serve returned
-// ErrAgentClosed. The agent's logs are printed if the test failed.
-func startAgent(t testing.TB, a *spoe.Agent) *agentUnderTest {
+// ErrAgentClosed. It records what the agent writes (tap), and prints the
+// agent's logs if the test failed.
+func startAgentUnderTest(t testing.TB, a *spoe.Agent) *agentUnderTest {
 	t.Helper()
-	logs := &syncBuffer{}
+	o := spoe.ServeOptionsForTest{Graceful: true}
 	if a.Logger == nil {
-		l := logrus.New()
-		l.SetOutput(logs)
-		l.SetLevel(logrus.DebugLevel)
-		a.Logger = l
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatalf("agent listener: %v", err)
+		logs := &syncBuffer{}
+		logOnFailure(t, "agent log", logs)
+		o.Logs = logs
 	}
 	rec := &tapRecorder{}
-	served := make(chan error, 1)
-	go func() { served <- a.Serve(&tapListener{Listener: ln, rec: rec}) }()
-
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		if err := a.Shutdown(ctx); err != nil {
-			t.Errorf("agent Shutdown: %v", err)
-			a.Close()
-		}
-		select {
-		case err := <-served:
-			if !errors.Is(err, spoe.ErrAgentClosed) {
-				t.Errorf("agent Serve returned %v, want ErrAgentClosed", err)
-			}
-		case <-time.After(5 * time.Second):
-			t.Errorf("agent Serve did not return after Shutdown")
-		}
-	})
-	logOnFailure(t, "agent log", logs)
-	return &agentUnderTest{Agent: a, addr: ln.Addr().String(), tap: rec}
+	o.Wrap = func(ln net.Listener) net.Listener { return &tapListener{Listener: ln, rec: rec} }
+	addr, _ := spoe.ServeAgentForTest(t, a, o)
+	return &agentUnderTest{Agent: a, addr: addr, tap: rec}
 }
 
 // tapListener hands the agent connections whose writes are recorded. The
@@ -774,7 +738,7 @@ func startHAProxy(t testing.TB, hp haproxyBinary, s haproxySetup) *haproxyInstan
 	})
 
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	waitFor(t, 10*time.Second, func() bool {
+	waitWithin(t, 10*time.Second, func() bool {
 		if h.hasExited() {
 			t.Fatalf("HAProxy %s exited at start: %v", hp.version, h.waitErr)
 		}

@@ -38,7 +38,7 @@ func TestE2EIPReputationRules(t *testing.T) {
 		// -1 for a handler error.
 		var mu sync.Mutex
 		var next int64
-		agent := startAgent(t, spoe.New(func(messages []spoe.Message) ([]spoe.Action, error) {
+		agent := startAgentUnderTest(t, spoe.New(func(messages []spoe.Message) ([]spoe.Action, error) {
 			mu.Lock()
 			score := next
 			mu.Unlock()
@@ -62,7 +62,7 @@ func TestE2EIPReputationRules(t *testing.T) {
 		mu.Lock()
 		next = 750
 		mu.Unlock()
-		waitFor(t, 10*time.Second, func() bool {
+		waitWithin(t, 10*time.Second, func() bool {
 			r, err := tryGet(client, url+"/")
 			return err == nil && r.header.Get("X-Seen-Reputation") == "750"
 		}, "HAProxy and the agent answering")
@@ -119,7 +119,7 @@ func TestE2EIPReputationExample(t *testing.T) {
 			}
 		})
 		logOnFailure(t, "ip-reputation agent log", agentLog)
-		waitFor(t, 10*time.Second, func() bool {
+		waitWithin(t, 10*time.Second, func() bool {
 			c, err := net.Dial("unix", sock)
 			if err == nil {
 				c.Close()
@@ -133,7 +133,7 @@ func TestE2EIPReputationExample(t *testing.T) {
 			"127.0.0.1:8000": reputationApp(t),
 		})
 		client := newClient(t, false)
-		waitFor(t, 10*time.Second, func() bool {
+		waitWithin(t, 10*time.Second, func() bool {
 			r, err := tryGet(client, url+"/")
 			return err == nil && r.status == 200 && r.header.Get("X-Seen-Reputation") == "750"
 		}, "a loopback client scored 750 by the example's agent")

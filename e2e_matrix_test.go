@@ -21,7 +21,7 @@ import (
 // answer must reach HAProxy at once: well before "timeout processing" (3s).
 func TestE2EEmptyAnswer(t *testing.T) {
 	forEachHAProxy(t, func(t *testing.T, hp haproxyBinary) {
-		agent := startAgent(t, &spoe.Agent{Handler: spoe.HandlerFunc(func(w *spoe.ActionWriter, r *spoe.Request) error {
+		agent := startAgentUnderTest(t, &spoe.Agent{Handler: spoe.HandlerFunc(func(w *spoe.ActionWriter, r *spoe.Request) error {
 			return nil
 		})})
 		h := startHAProxy(t, hp, haproxySetup{
@@ -74,7 +74,7 @@ func TestE2EFragmentAbortThenNext(t *testing.T) {
 		// agent aborts it with many still to come. (With frames of the
 		// default 1 MiB, its ABORT would come after the FIN fragment,
 		// which HAProxy applies as an ACK without actions.)
-		agent := startAgent(t, &spoe.Agent{MaxFrameSize: 16380, Handler: spoe.HandlerFunc(func(w *spoe.ActionWriter, r *spoe.Request) error {
+		agent := startAgentUnderTest(t, &spoe.Agent{MaxFrameSize: 16380, Handler: spoe.HandlerFunc(func(w *spoe.ActionWriter, r *spoe.Request) error {
 			m, _ := r.Message("body")
 			v, _ := m.Arg("b")
 			b, _ := v.Bytes()
@@ -155,7 +155,7 @@ func TestE2EACKsBeforeShutdown(t *testing.T) {
 			}
 			return w.SetString(txn, "done", "yes")
 		})}
-		agent := startAgent(t, a)
+		agent := startAgentUnderTest(t, a)
 		h := startHAProxy(t, hp, haproxySetup{
 			AgentAddr:       agent.addr,
 			AgentDirectives: "messages slow",

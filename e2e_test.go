@@ -30,7 +30,10 @@ import (
 
 const txn = spoe.VarScopeTransaction
 
-func TestE2E(t *testing.T) {
+// TestE2EScenariosPerVersion runs the protocol scenarios (types, several
+// messages, events, errors, checks, pipelining, fragments...) against each
+// HAProxy version; each subtest is named after what it checks.
+func TestE2EScenariosPerVersion(t *testing.T) {
 	forEachHAProxy(t, func(t *testing.T, hp haproxyBinary) {
 		t.Logf("HAProxy %s at %s", hp.version, hp.path)
 		t.Run("types", func(t *testing.T) { testTypeRoundTrip(t, hp) })
@@ -220,7 +223,7 @@ var typeCases = []typeCase{
 
 func testTypeRoundTrip(t *testing.T, hp haproxyBinary) {
 	var rec recorder
-	agent := startAgent(t, &spoe.Agent{Handler: spoe.HandlerFunc(func(w *spoe.ActionWriter, r *spoe.Request) error {
+	agent := startAgentUnderTest(t, &spoe.Agent{Handler: spoe.HandlerFunc(func(w *spoe.ActionWriter, r *spoe.Request) error {
 		for msgs := r.Messages(); msgs.Next(); {
 			switch {
 			case msgs.NameIs("types"):
@@ -317,7 +320,7 @@ spoe-message types-back
 
 func testSeveralMessages(t *testing.T, hp haproxyBinary) {
 	var notifies atomic.Int32
-	agent := startAgent(t, &spoe.Agent{Handler: spoe.HandlerFunc(func(w *spoe.ActionWriter, r *spoe.Request) error {
+	agent := startAgentUnderTest(t, &spoe.Agent{Handler: spoe.HandlerFunc(func(w *spoe.ActionWriter, r *spoe.Request) error {
 		notifies.Add(1)
 		// name/number of args(name=type:value,...) for each message.
 		var parts []string
@@ -382,7 +385,7 @@ spoe-message e-last
 // response header shows.
 
 func testResponseEvent(t *testing.T, hp haproxyBinary) {
-	agent := startAgent(t, &spoe.Agent{Handler: spoe.HandlerFunc(func(w *spoe.ActionWriter, r *spoe.Request) error {
+	agent := startAgentUnderTest(t, &spoe.Agent{Handler: spoe.HandlerFunc(func(w *spoe.ActionWriter, r *spoe.Request) error {
 		m, ok := r.Message("on-resp")
 		if !ok {
 			return errors.New("no on-resp message")
@@ -416,7 +419,7 @@ spoe-message on-resp
 
 func testUnsetVar(t *testing.T, hp haproxyBinary) {
 	var rec recorder
-	agent := startAgent(t, spoe.New(func(messages []spoe.Message) ([]spoe.Action, error) {
+	agent := startAgentUnderTest(t, spoe.New(func(messages []spoe.Message) ([]spoe.Action, error) {
 		for _, m := range messages {
 			if m.Name != "unset-me" {
 				continue
@@ -462,7 +465,7 @@ http-after-response set-header x-agent-error 1 if { var(txn.e2e.error) -m found 
 // txn.e2e.error, and counted.
 
 func testHandlerErrors(t *testing.T, hp haproxyBinary) {
-	agent := startAgent(t, &spoe.Agent{Handler: spoe.HandlerFunc(func(w *spoe.ActionWriter, r *spoe.Request) error {
+	agent := startAgentUnderTest(t, &spoe.Agent{Handler: spoe.HandlerFunc(func(w *spoe.ActionWriter, r *spoe.Request) error {
 		m, _ := r.Message("check")
 		path, _ := m.Arg("path")
 		// An action written before failing must be dropped.
@@ -524,7 +527,7 @@ http-after-response set-header x-spoe-error %[var(txn.e2e.spoe_error)] if { var(
 // g. option spop-check marks the agent's server UP.
 
 func testSpopCheck(t *testing.T, hp haproxyBinary, global string) {
-	agent := startAgent(t, &spoe.Agent{Handler: spoe.HandlerFunc(func(w *spoe.ActionWriter, r *spoe.Request) error {
+	agent := startAgentUnderTest(t, &spoe.Agent{Handler: spoe.HandlerFunc(func(w *spoe.ActionWriter, r *spoe.Request) error {
 		return w.SetString(txn, "checked", "yes")
 	})})
 	// A second backend checks a port nobody listens on: it must go DOWN,
@@ -551,7 +554,7 @@ spoe-message ping
 	})
 
 	var agentRow, deadRow map[string]string
-	waitFor(t, 10*time.Second, func() bool {
+	waitWithin(t, 10*time.Second, func() bool {
 		agentRow = h.serverStat(t, "spoe-agents", "agent1")
 		deadRow = h.serverStat(t, "spoe-dead", "dead")
 		return agentRow != nil && deadRow != nil &&
@@ -610,7 +613,7 @@ func testPipelining(t *testing.T, hp haproxyBinary, pc pipeliningCase) {
 	if pc.keepPipelining {
 		spoe.KeepPipelining(a)
 	}
-	agent := startAgent(t, a)
+	agent := startAgentUnderTest(t, a)
 	h := startHAProxy(t, hp, haproxySetup{
 		AgentAddr:       agent.addr,
 		AgentDirectives: "messages slow\n" + pc.agentDirectives,
@@ -693,7 +696,7 @@ func sendBurst(t *testing.T, c *http.Client, url string, n int) time.Duration {
 // does not take (see TestE2EBigAnswersStallWithPipelining).
 
 func testCapabilities(t *testing.T, hp haproxyBinary) {
-	agent := startAgent(t, &spoe.Agent{Handler: spoe.HandlerFunc(func(w *spoe.ActionWriter, r *spoe.Request) error {
+	agent := startAgentUnderTest(t, &spoe.Agent{Handler: spoe.HandlerFunc(func(w *spoe.ActionWriter, r *spoe.Request) error {
 		if r.EngineID() == "" {
 			return errors.New("no engine-id")
 		}
@@ -745,6 +748,23 @@ spoe-message caps
 	expectList(t, "capabilities the agent announced", caps, want)
 }
 
+// heldSetup sends the path of each request to the agent at addr in a
+// message "held", and returns the agent's txn.held (or its error) in
+// headers x-held and x-spoe-error.
+func heldSetup(addr string) haproxySetup {
+	return haproxySetup{
+		AgentAddr:       addr,
+		AgentDirectives: "messages held",
+		SpoeSections: `
+spoe-message held
+    args path=path
+    event on-frontend-http-request
+`,
+		Frontend: "http-after-response set-header x-held %[var(txn.e2e.held)] if { var(txn.e2e.held) -m found }\n" +
+			"http-after-response set-header x-spoe-error %[var(txn.e2e.spoe_error)] if { var(txn.e2e.spoe_error) -m found }",
+	}
+}
+
 // ---------------------------------------------------------------------------
 // i (bonus). Async on 2.6: an ACK whose connection is gone leaves on a sibling
 // connection of the same engine, and HAProxy applies it.
@@ -752,7 +772,7 @@ spoe-message caps
 func testAsyncReroute(t *testing.T, hp haproxyBinary) {
 	startedA := make(chan struct{})
 	releaseA := make(chan struct{})
-	agent := startAgent(t, &spoe.Agent{Handler: spoe.HandlerFunc(func(w *spoe.ActionWriter, r *spoe.Request) error {
+	agent := startAgentUnderTest(t, &spoe.Agent{Handler: spoe.HandlerFunc(func(w *spoe.ActionWriter, r *spoe.Request) error {
 		m, _ := r.Message("held")
 		path, _ := m.Arg("path")
 		if path.EqualString("/a") {
@@ -766,17 +786,7 @@ func testAsyncReroute(t *testing.T, hp haproxyBinary) {
 		b, _ := path.Bytes()
 		return w.SetStringBytes(txn, "held", b)
 	})})
-	h := startHAProxy(t, hp, haproxySetup{
-		AgentAddr:       agent.addr,
-		AgentDirectives: "messages held",
-		SpoeSections: `
-spoe-message held
-    args path=path
-    event on-frontend-http-request
-`,
-		Frontend: "http-after-response set-header x-held %[var(txn.e2e.held)] if { var(txn.e2e.held) -m found }\n" +
-			"http-after-response set-header x-spoe-error %[var(txn.e2e.spoe_error)] if { var(txn.e2e.spoe_error) -m found }",
-	})
+	h := startHAProxy(t, hp, heldSetup(agent.addr))
 	c := newClient(t, false)
 
 	// A's NOTIFY waits on the only connection there is...
@@ -799,7 +809,7 @@ spoe-message held
 	// ...and B, finding no idle connection, makes 2.6 open a second one
 	// of the same engine (B itself may ride on either).
 	expectHeader(t, get(t, c, h.url+"/b"), "x-held", "/b")
-	waitFor(t, 5*time.Second, func() bool { return len(agent.tap.agentHellos()) == 2 },
+	waitWithin(t, 5*time.Second, func() bool { return len(agent.tap.agentHellos()) == 2 },
 		"HAProxy 2.6 to open and set up a second agent connection")
 
 	// The first connection dies under A's handler (closed beneath the
@@ -815,7 +825,7 @@ spoe-message held
 	expectNoHeader(t, a, "x-spoe-error")
 	// The engine counts a rerouted ACK once its write returned, which may
 	// be after HAProxy answered the client.
-	waitFor(t, 5*time.Second, func() bool { return agent.Stats().ACKsRerouted >= 1 }, "the rerouted ACK to be counted")
+	waitWithin(t, 5*time.Second, func() bool { return agent.Stats().ACKsRerouted >= 1 }, "the rerouted ACK to be counted")
 	if s := agent.Stats(); s.ACKsRerouted != 1 || s.ACKsDropped != 0 {
 		t.Errorf("ACKsRerouted = %d, ACKsDropped = %d, want 1 and 0", s.ACKsRerouted, s.ACKsDropped)
 	}
@@ -831,7 +841,7 @@ spoe-message held
 func testMaxEngines(t *testing.T, hp haproxyBinary) {
 	started := make(chan struct{}, 1)
 	release := make(chan struct{})
-	agent := startAgent(t, &spoe.Agent{MaxEngines: 1, Handler: spoe.HandlerFunc(func(w *spoe.ActionWriter, r *spoe.Request) error {
+	agent := startAgentUnderTest(t, &spoe.Agent{MaxEngines: 1, Handler: spoe.HandlerFunc(func(w *spoe.ActionWriter, r *spoe.Request) error {
 		m, _ := r.Message("held")
 		path, _ := m.Arg("path")
 		if path.EqualString("/slow") {
@@ -855,17 +865,7 @@ func testMaxEngines(t *testing.T, hp haproxyBinary) {
 	}
 	defer filler.Close()
 
-	h := startHAProxy(t, hp, haproxySetup{
-		AgentAddr:       agent.addr,
-		AgentDirectives: "messages held",
-		SpoeSections: `
-spoe-message held
-    args path=path
-    event on-frontend-http-request
-`,
-		Frontend: "http-after-response set-header x-held %[var(txn.e2e.held)] if { var(txn.e2e.held) -m found }\n" +
-			"http-after-response set-header x-spoe-error %[var(txn.e2e.spoe_error)] if { var(txn.e2e.spoe_error) -m found }",
-	})
+	h := startHAProxy(t, hp, heldSetup(agent.addr))
 	c := newClient(t, false)
 	for i := 0; i < 5; i++ {
 		expectHeader(t, get(t, c, h.url+"/fast"), "x-held", "/fast")
@@ -922,7 +922,7 @@ spoe-message held
 
 func testBigNotify(t *testing.T, hp haproxyBinary) {
 	var rec recorder
-	agent := startAgent(t, &spoe.Agent{MaxFrameSize: 256, Handler: spoe.HandlerFunc(func(w *spoe.ActionWriter, r *spoe.Request) error {
+	agent := startAgentUnderTest(t, &spoe.Agent{MaxFrameSize: 256, Handler: spoe.HandlerFunc(func(w *spoe.ActionWriter, r *spoe.Request) error {
 		m, _ := r.Message("big")
 		v, _ := m.Arg("h")
 		b, ok := v.Bytes()
@@ -1092,7 +1092,7 @@ func startSeed(parent, vt *testing.T) {
 		}
 	})
 	logOnFailure(parent, "seed program output", out)
-	waitFor(vt, 10*time.Second, func() bool {
+	waitWithin(vt, 10*time.Second, func() bool {
 		select {
 		case <-exited:
 			vt.Fatalf("seed program exited: %v\n%s", waitErr, out.String())

@@ -156,7 +156,7 @@ func TestE2ETLS(t *testing.T) {
 				SpoeSections:    scoreSections,
 				Frontend:        scoreFrontend,
 			})
-			waitFor(t, 10*time.Second, func() bool {
+			waitWithin(t, 10*time.Second, func() bool {
 				row := h.serverStat(t, "spoe-agents", "agent1")
 				return strings.HasPrefix(row["check_status"], "L7OK") && row["status"] == "UP"
 			}, "the SPOP health check over TLS to pass")
@@ -189,7 +189,7 @@ func TestE2ETLS(t *testing.T) {
 				SpoeSections:    scoreSections,
 				Frontend:        scoreFrontend,
 			})
-			waitFor(t, 10*time.Second, func() bool {
+			waitWithin(t, 10*time.Second, func() bool {
 				return h.serverStat(t, "spoe-agents", "agent1")["status"] == "DOWN"
 			}, "the health check to fail on the untrusted certificate")
 			res := get(t, newClient(t, false), h.url+"/")

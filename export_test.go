@@ -6,6 +6,8 @@ import (
 	"encoding/binary"
 	"io"
 	"net"
+	"testing"
+	"time"
 )
 
 // readFrame reads exactly one whole frame from r and returns the bytes
@@ -60,3 +62,56 @@ func testConn(a *Agent, nc net.Conn) *conn {
 // reproducer of HAProxy's stall, and unit tests whose Client looks like
 // 3.1+, use it.
 func KeepPipelining(a *Agent) { a.keepPipelining = true }
+
+// count is how many engines the agent holds, lingering ones included.
+func (r *engines) count() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.m)
+}
+
+// lookup returns the number of live connections of the engine id.
+func (r *engines) lookup(id string) int {
+	r.mu.Lock()
+	e := r.m[id]
+	r.mu.Unlock()
+	if e == nil {
+		return 0
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return len(e.conns)
+}
+
+// has reports whether the engine id is registered, lingering or not.
+func (r *engines) has(id string) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.m[id] != nil
+}
+
+// isWriting reports whether c has a write under way.
+func (c *conn) isWriting() bool {
+	c.wr.mu.Lock()
+	defer c.wr.mu.Unlock()
+	return c.wr.writing
+}
+
+// The shared test helpers (helpers_test.go), for the external tests.
+
+// ServeOptionsForTest says how ServeAgentForTest serves an agent.
+type ServeOptionsForTest = serveOptions
+
+// ServeAgentForTest is serveAgent: it serves a on a loopback listener
+// until the test ends and returns its address and stop.
+func ServeAgentForTest(t testing.TB, a *Agent, o ServeOptionsForTest) (addr string, stop func()) {
+	t.Helper()
+	return serveAgent(t, a, o)
+}
+
+// WaitWithinForTest is waitWithin: it polls cond until it holds, failing
+// the test after timeout.
+func WaitWithinForTest(t testing.TB, timeout time.Duration, cond func() bool, what string) {
+	t.Helper()
+	waitWithin(t, timeout, cond, what)
+}

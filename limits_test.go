@@ -70,8 +70,7 @@ func TestMaxInFlightPerAgent(t *testing.T) {
 	payload, _ := appendMessages(nil, []ClientMessage{{Name: "m"}})
 	var peers []*rawPeer
 	for c := 0; c < 3; c++ {
-		p := dialRaw(t, addr)
-		p.hello("pipelining", "e", 16380)
+		p := dialEngine(t, addr, "pipelining", "e")
 		var batch []byte
 		for sid := uint64(1); sid <= 4; sid++ {
 			batch = append(batch, rawFrame(frameNotify, flagFin, sid, 1, payload)...)
@@ -95,11 +94,9 @@ func TestMaxInFlightPerAgent(t *testing.T) {
 func TestMaxConns(t *testing.T) {
 	a := &Agent{MaxConns: 2}
 	addr := startAgent(t, a)
-	first := dialRaw(t, addr)
-	first.hello("pipelining", "e", 16380)
-	second := dialRaw(t, addr)
-	second.hello("pipelining", "e", 16380)
-	third := dialRaw(t, addr) // waits in the listen backlog
+	first := dialEngine(t, addr, "pipelining", "e")
+	dialEngine(t, addr, "pipelining", "e") // the second connection: the agent is full
+	third := dialRaw(t, addr)              // waits in the listen backlog
 	third.send(rawFrame(frameHAProxyHello, flagFin, 0, 0, helloPayload(
 		"supported-versions", "2.0", "max-frame-size", uint32(16380), "capabilities", "")))
 	noFrameWithin(t, third, 200*time.Millisecond)
@@ -166,18 +163,14 @@ func TestFloodAtBlockedHandlers(t *testing.T) {
 // connection died drops its ACK; it does not reach a newer connection,
 // even one that got the same file descriptor.
 func TestLateHandlerNeverWritesElsewhere(t *testing.T) {
-	g := newGate()
-	a := &Agent{Handler: g}
-	addr := startAgent(t, a)
-	old := dialRaw(t, addr)
-	old.hello("pipelining", "engine", 16380)
+	a, g, addr := gatedAgent(t)
+	old := dialEngine(t, addr, "pipelining", "engine")
 	old.send(notifyNamed("slow", 1, 1))
 	<-g.started
 	old.nc.Close()
 	waitFor(t, func() bool { return a.Stats().ConnsOpen == 0 }, "the old connection closed")
 
-	fresh := dialRaw(t, addr)
-	fresh.hello("pipelining", "engine", 16380)
+	fresh := dialEngine(t, addr, "pipelining", "engine")
 	close(g.release)
 	waitFor(t, func() bool { return a.Stats().ACKsDropped == 1 }, "the late ACK dropped")
 	fresh.send(notifyNamed("quick", 2, 1))

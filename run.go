@@ -22,9 +22,7 @@ const DefaultShutdownTimeout = 10 * time.Second
 
 // notifyContext is signal.NotifyContext; tests replace it so as not to
 // send real signals to the test process.
-var notifyContext = defaultNotifyContext
-
-var defaultNotifyContext = signal.NotifyContext
+var notifyContext = signal.NotifyContext
 
 // Run serves SPOP on addr (any form Listen accepts: ":9000",
 // "tcp://127.0.0.1:9000", "unix:///run/agent.sock", "unix@/run/agent.sock")

@@ -256,6 +256,8 @@ func TestRunStopsOnSignal(t *testing.T) {
 	var mu sync.Mutex
 	var gotSignals []os.Signal
 	sigCtx, signal := context.WithCancel(context.Background())
+	saved := notifyContext
+	defer func() { notifyContext = saved }()
 	notifyContext = func(parent context.Context, sigs ...os.Signal) (context.Context, context.CancelFunc) {
 		mu.Lock()
 		gotSignals = sigs
@@ -270,7 +272,6 @@ func TestRunStopsOnSignal(t *testing.T) {
 		}()
 		return ctx, cancel
 	}
-	defer func() { notifyContext = defaultNotifyContext }()
 
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

@@ -172,7 +172,7 @@ func TestSoakHAProxyReload(t *testing.T) {
 	engineGen := map[string]string{} // engine-id -> the generation that used it
 	var sharedEngines []string
 	var handled atomic.Int64
-	agent := startAgent(t, &spoe.Agent{Handler: spoe.HandlerFunc(func(w *spoe.ActionWriter, r *spoe.Request) error {
+	agent := startAgentUnderTest(t, &spoe.Agent{Handler: spoe.HandlerFunc(func(w *spoe.ActionWriter, r *spoe.Request) error {
 		handled.Add(1)
 		m, ok := r.Message("echo")
 		if !ok {
@@ -282,7 +282,7 @@ func TestSoakHAProxyReload(t *testing.T) {
 	// per request (the new process gets them as soon as it listens).
 	client := newClient(t, true)
 	oneShot := newClient(t, false)
-	waitFor(t, 10*time.Second, func() bool {
+	waitWithin(t, 10*time.Second, func() bool {
 		if first.hasExited() {
 			t.Fatalf("HAProxy exited at start: %v", first.waitErr)
 		}
@@ -363,7 +363,7 @@ func TestSoakHAProxyReload(t *testing.T) {
 	for gen := 1; gen <= reloads; gen++ {
 		<-ticker.C
 		p := start(gen, running())
-		waitFor(t, 15*time.Second, func() bool {
+		waitWithin(t, 15*time.Second, func() bool {
 			if p.hasExited() {
 				t.Fatalf("HAProxy generation %d exited: %v", gen, p.waitErr)
 			}
@@ -372,7 +372,7 @@ func TestSoakHAProxyReload(t *testing.T) {
 	}
 	reloadsDone.Store(true)
 	reloadTime := time.Since(began)
-	waitFor(t, time.Duration(requests/50+60)*time.Second, func() bool {
+	waitWithin(t, time.Duration(requests/50+60)*time.Second, func() bool {
 		tally.mu.Lock()
 		defer tally.mu.Unlock()
 		return tally.sent >= requests
@@ -384,7 +384,7 @@ func TestSoakHAProxyReload(t *testing.T) {
 	// The old processes finish what they serve and leave.
 	client.Transport.(interface{ CloseIdleConnections() }).CloseIdleConnections()
 	last := procs[len(procs)-1]
-	waitFor(t, 30*time.Second, func() bool {
+	waitWithin(t, 30*time.Second, func() bool {
 		r := running()
 		return len(r) == 1 && r[0] == last
 	}, "the old HAProxy processes to exit")

@@ -1034,15 +1034,14 @@ func runSoak(t *testing.T, total int, async bool) {
 	handled := &soakHandled{engines: map[string]int{}, m: map[soakEngineKey]struct{}{}, abandoned: map[soakEngineKey]struct{}{}}
 	a := &Agent{Handler: soakHandler(&calls, handled), Logger: logger}
 
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
 	tap := &soakTap{conns: map[string]*soakTapConn{}}
-	served := make(chan error, 1)
-	a.keepPipelining = true // the Client offers what 3.1+ does (see startAgent)
-	go func() { served <- a.Serve(&soakListener{Listener: ln, tap: tap}) }()
+	addr, stopAgent := serveAgent(t, a, serveOptions{
+		KeepPipelining: true, // the Client offers what 3.1+ does (see startAgent)
+		Wrap:           func(ln net.Listener) net.Listener { return &soakListener{Listener: ln, tap: tap} },
+	})
 	var wg sync.WaitGroup
 
-	p := &soakPeer{t: t, agent: a, addr: ln.Addr().String(), async: async, total: int64(total),
+	p := &soakPeer{t: t, agent: a, addr: addr, async: async, total: int64(total),
 		meanLife: 800, tap: tap, handled: handled, stopSend: make(chan struct{}), finish: make(chan struct{}),
 		abort: make(chan struct{}), sampleCh: make(chan int64, soakSamples+8), errs: map[string]int{}}
 	for i := 0; i < soakEngines; i++ {
@@ -1065,12 +1064,7 @@ func runSoak(t *testing.T, total int, async bool) {
 			stop()
 			_ = a.Close()
 			wg.Wait()
-			select {
-			case err := <-served:
-				assert.ErrorIs(t, err, ErrAgentClosed)
-			case <-time.After(5 * time.Second):
-				t.Error("Serve did not return after Close")
-			}
+			stopAgent()
 		})
 	}
 	defer closeAgent()
@@ -1086,12 +1080,12 @@ func runSoak(t *testing.T, total int, async bool) {
 
 	// Traffic runs until total NOTIFYs are sent and every slot parked.
 	slots := int32(soakEngines * soakConnsPerEngine)
-	waitForSoak(t, limit, func() bool { return p.parked.Load() == slots }, "the traffic to end")
+	waitWithin(t, limit, func() bool { return p.parked.Load() == slots }, "the traffic to end")
 	sentAt := time.Since(began)
 	// The agent has ended every connection the peer closed (their handlers
 	// are done and every ACK written or rerouted) once it has as many open
 	// as the peer.
-	waitForSoak(t, 20*time.Second, func() bool { return a.Stats().ConnsOpen == p.openConns.Load() },
+	waitWithin(t, 20*time.Second, func() bool { return a.Stats().ConnsOpen == p.openConns.Load() },
 		"the agent to end the connections the peer closed")
 	endedAt := time.Since(began)
 	// Quiescence: every request still pending must get its ACK, except
@@ -1112,7 +1106,7 @@ func runSoak(t *testing.T, total int, async bool) {
 	wg.Wait()
 	close(p.sampleCh)
 	<-sampled
-	waitForSoak(t, 10*time.Second, func() bool { return a.Stats().ConnsOpen == 0 }, "the agent to close every connection")
+	waitWithin(t, 10*time.Second, func() bool { return a.Stats().ConnsOpen == 0 }, "the agent to close every connection")
 	st := a.Stats()
 	t.Logf("phases: traffic %v, agent caught up %v, quiescent %v, all closed %v", sentAt.Round(time.Millisecond),
 		endedAt.Round(time.Millisecond), quietAt.Round(time.Millisecond), time.Since(began).Round(time.Millisecond))
@@ -1120,7 +1114,7 @@ func runSoak(t *testing.T, total int, async bool) {
 	// design; Close ends them. Then every goroutine of the run must be gone
 	// (one more is allowed to the runtime, e.g. a GC worker starting).
 	closeAgent()
-	waitForSoak(t, 10*time.Second, func() bool { return runtime.NumGoroutine() <= baseline+1 },
+	waitWithin(t, 10*time.Second, func() bool { return runtime.NumGoroutine() <= baseline+1 },
 		fmt.Sprintf("goroutines back to %d (+1)", baseline))
 
 	var closes []string
@@ -1227,18 +1221,6 @@ func checkSoakSamples(t *testing.T, samples []soakSample) {
 	assert.LessOrEqual(t, lastG, firstG+soakEngines*soakConnsPerEngine, "goroutines grew")
 }
 
-// waitForSoak polls cond until it holds or timeout passes.
-func waitForSoak(t *testing.T, timeout time.Duration, cond func() bool, what string) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", timeout, what)
-		}
-		time.Sleep(time.Millisecond) // polling the condition
-	}
-}
-
 // ---------------------------------------------------------------------------
 // Reproducers of what the async soak found: ACKs lost although a sibling
 // connection of their engine was up.
@@ -1289,27 +1271,12 @@ func TestSoakReproRerouteAfterWriteError(t *testing.T) {
 	a := &Agent{Handler: HandlerFunc(func(w *ActionWriter, r *Request) error {
 		return w.SetUint(VarScopeTransaction, "sid", r.StreamID())
 	})}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	quiet := logrus.New()
-	quiet.SetOutput(io.Discard)
-	a.Logger = quiet
-	served := make(chan error, 1)
-	a.keepPipelining = true // the Client offers what 3.1+ does (see startAgent)
-	go func() { served <- a.Serve(&soakResetListener{Listener: l}) }()
-	t.Cleanup(func() {
-		_ = a.Close()
-		select {
-		case err := <-served:
-			assert.ErrorIs(t, err, ErrAgentClosed)
-		case <-time.After(5 * time.Second):
-			t.Error("Serve did not return after Close")
-		}
+	addr, _ := serveAgent(t, a, serveOptions{
+		KeepPipelining: true, // the Client offers what 3.1+ does (see startAgent)
+		Wrap:           func(l net.Listener) net.Listener { return &soakResetListener{Listener: l} },
 	})
-	origin := dialRaw(t, l.Addr().String())
-	origin.hello("pipelining,async", "engine-A", 16380)
-	sibling := dialRaw(t, l.Addr().String())
-	sibling.hello("pipelining,async", "engine-A", 16380)
+	origin := dialEngine(t, addr, "pipelining,async", "engine-A")
+	sibling := dialEngine(t, addr, "pipelining,async", "engine-A")
 
 	payload, _ := appendMessages(nil, []ClientMessage{{Name: "m"}})
 	origin.send(rawFrame(frameNotify, flagFin, 41, 1, payload))
@@ -1335,10 +1302,8 @@ func TestSoakReproNoACKAfterHAProxyDisconnect(t *testing.T) {
 		return w.SetUint(VarScopeTransaction, "sid", r.StreamID())
 	})}
 	addr := startAgent(t, a)
-	origin := dialRaw(t, addr)
-	origin.hello("pipelining,async", "engine-A", 16380)
-	sibling := dialRaw(t, addr)
-	sibling.hello("pipelining,async", "engine-A", 16380)
+	origin := dialEngine(t, addr, "pipelining,async", "engine-A")
+	sibling := dialEngine(t, addr, "pipelining,async", "engine-A")
 
 	// One write: the agent reads the NOTIFY and the DISCONNECT together,
 	// so its ACK cannot have crossed the DISCONNECT.
@@ -1414,25 +1379,18 @@ func soakWriteClosedScenario(t *testing.T) (uint64, []string) {
 		}
 		return w.SetUint(VarScopeTransaction, "sid", r.StreamID())
 	})}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	ln = &soakResetListener{Listener: l}
-	served := make(chan error, 1)
-	a.keepPipelining = true // the Client offers what 3.1+ does (see startAgent)
-	go func() { served <- a.Serve(ln) }()
-	defer func() {
-		_ = a.Close()
-		select {
-		case err := <-served:
-			assert.ErrorIs(t, err, ErrAgentClosed)
-		case <-time.After(5 * time.Second):
-			t.Error("Serve did not return after Close")
-		}
-	}()
-	origin := dialRaw(t, l.Addr().String())
+	addr, stopAgent := serveAgent(t, a, serveOptions{
+		KeepPipelining: true, // the Client offers what 3.1+ does (see startAgent)
+		Wrap: func(l net.Listener) net.Listener {
+			ln = &soakResetListener{Listener: l}
+			return ln
+		},
+	})
+	defer stopAgent()
+	origin := dialRaw(t, addr)
 	defer origin.nc.Close()
 	origin.hello("pipelining,async", "engine-A", 16380)
-	sibling := dialRaw(t, l.Addr().String())
+	sibling := dialRaw(t, addr)
 	defer sibling.nc.Close()
 	sibling.hello("pipelining,async", "engine-A", 16380)
 
