@@ -64,12 +64,14 @@
 //	conn.go     serve: the handshake (hello.go), then loop: next       the connection's
 //	            frame, dispatch by type (UNSET: reassembly.go,         reading goroutine
 //	            DISCONNECT: disconnect.go), end
-//	reader.go   frameReader: pooled buffer, LENGTH checked first,      reading goroutine
-//	            header parsed (frame.go), read deadlines
+//	reader.go   frameReader: pooled buffer, LENGTH checked first       reading goroutine
+//	            (a NOTIFY above it from 3.1.0: oversize.go), header
+//	            parsed (frame.go), read deadlines
 //	sched.go    handle: slots taken (limiter), handler run inline      reading goroutine, or
 //	            or dispatched; the rescue of a slow inline handler     one per frame
 //	notify.go   the Request indexed, the Handler called (a panic       the handler's
-//	            recovered), the simple API's messages decoded
+//	            recovered); for the simple API, decode.go builds
+//	            the messages; stats_messages.go counts per name
 //	actions.go  ActionWriter appends the actions into the ACK          the handler's
 //	writer.go   the ACKs of one read leave in one write before the     the first writer; the
 //	            next blocking read; concurrent writes are combined     others' join its next
@@ -77,7 +79,11 @@
 //	            another connection of its engine
 //
 // The Client (client.go) reads with the same frameReader and builds its
-// frames with the same builders.
+// frames with the same builders. Around the engine: config.go (the
+// Agent's defaults), run.go and listen.go (Run, and the addresses Listen
+// takes), router.go, bind.go (arguments into a struct), headers.go
+// (hdrs_bin), stats.go and health.go (Stats, probes), ratelog.go (failure
+// logs at a bounded rate).
 //
 // # Errors seen by HAProxy
 //
