@@ -66,6 +66,13 @@ func (a *Agent) maxNotifyArgs() int {
 	return a.MaxNotifyArgs
 }
 
+func (a *Agent) maxReassemblyBytes() int {
+	if a.MaxReassemblyBytes <= 0 {
+		return DefaultMaxReassemblyBytes
+	}
+	return a.MaxReassemblyBytes
+}
+
 func (a *Agent) readTimeout() time.Duration {
 	if a.ReadTimeout <= 0 {
 		return DefaultReadTimeout

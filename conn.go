@@ -186,7 +186,19 @@ func (c *conn) nextFrame(f *frame) error {
 		if err := c.rd.armDeadline(idle && c.handshaken, c.cfg.readTimeout, c.cfg.idleTimeout); err != nil {
 			return err
 		}
+		if c.frag.pending() {
+			if err := c.rd.capDeadline(c.frag.deadline); err != nil {
+				return err
+			}
+		}
 		if err := c.rd.fill(); err != nil {
+			if isTimeout(err) && !c.rd.stopped.Load() && c.reassemblyExpired() {
+				// Only the unfinished NOTIFY is given up: the
+				// connection goes on, its next read with a deadline
+				// of its own.
+				c.rd.resetDeadline()
+				continue
+			}
 			return err
 		}
 	}
@@ -226,8 +238,11 @@ func (c *conn) onFrame(f *frame) error {
 }
 
 func (c *conn) onNotify(f *frame) error {
-	if c.frag.active {
+	if c.frag.pending() {
 		return errInterlaced
+	}
+	if c.frag.active {
+		c.endReassembly() // an aborted one: HAProxy sends no more of it
 	}
 	if !f.fin() {
 		if c.caps&capFragmentation == 0 {
@@ -236,8 +251,7 @@ func (c *conn) onNotify(f *frame) error {
 		if f.abort() {
 			return nil
 		}
-		c.frag.start(f)
-		c.checkReassembly()
+		c.startReassembly(f)
 		return nil
 	}
 	if f.abort() {
@@ -384,6 +398,7 @@ func (c *conn) end(err error) {
 		c.disconnect(s, s.String())
 		c.linger()
 	}
+	c.endReassembly()
 	c.closeSocket()
 	c.unref()
 }

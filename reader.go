@@ -245,6 +245,29 @@ func (rd *frameReader) armDeadline(idle bool, frameTimeout, idleTimeout time.Dur
 	return nil
 }
 
+// capDeadline brings the read deadline forward to at when it is later or
+// unset: a fragmented NOTIFY's deadline (reassembly.go) bounds the reads
+// that wait for its fragments. It returns errDraining once stop was
+// called.
+func (rd *frameReader) capDeadline(at time.Time) error {
+	if rd.dlKind != deadlineNone && !rd.dlAt.After(at) {
+		return nil
+	}
+	rd.stopMu.Lock()
+	defer rd.stopMu.Unlock()
+	if rd.stopped.Load() {
+		return errDraining
+	}
+	rd.dlKind, rd.dlAt, rd.dlFrames = deadlineFrame, at, rd.frames
+	if rd.nc != nil {
+		_ = rd.nc.SetReadDeadline(at)
+	}
+	return nil
+}
+
+// resetDeadline makes the next armDeadline set a deadline afresh.
+func (rd *frameReader) resetDeadline() { rd.dlKind = deadlineNone; rd.dlAt = time.Time{} }
+
 // setDeadlineLocked sets the deadline, with stopMu held.
 func (rd *frameReader) setDeadlineLocked(kind int, d time.Duration) {
 	var at time.Time

@@ -107,6 +107,7 @@ const (
 	DefaultMaxEngines         = 4096
 	DefaultMaxNotifyMessages  = 256
 	DefaultMaxNotifyArgs      = 4096
+	DefaultMaxReassemblyBytes = 16 << 20
 )
 
 // Agent serves SPOP connections from HAProxy. Its exported fields are its
@@ -165,6 +166,16 @@ type Agent struct {
 	// and thread, new at each reload. Zero means DefaultMaxEngines.
 	MaxEngines int
 
+	// MaxReassemblyBytes limits the bytes that the fragmented NOTIFYs
+	// being joined hold together in the agent (HAProxy 2.6 and 3.0 split a
+	// NOTIFY bigger than max-frame-size in fragments; one is at most 1 MiB
+	// and must be whole within ReadTimeout of its first fragment). A
+	// fragment that would take more is not kept: its NOTIFY is answered
+	// with an aborting ACK, HAProxy fails that event (error 4) and the
+	// connection goes on, as with a NOTIFY above 1 MiB. Zero means
+	// DefaultMaxReassemblyBytes.
+	MaxReassemblyBytes int
+
 	// ReadTimeout bounds the time from accepting a connection to a complete
 	// HAPROXY-HELLO, and from the first byte of a frame to its last. On
 	// expiry after the handshake the agent sends AGENT-DISCONNECT "a timeout
@@ -214,9 +225,10 @@ type Agent struct {
 	connSlots  chan struct{} // MaxConns semaphore; nil when unlimited
 	goroutines sync.WaitGroup
 
-	engines engines
-	stats   stats
-	logs    logLimiter // rate of the handler failure logs
+	engines      engines
+	reassemblies reassemblyBudget // MaxReassemblyBytes
+	stats        stats
+	logs         logLimiter // rate of the handler failure logs
 
 	sched scheduler // handler slots and scheduling policy (sched.go)
 }
@@ -235,6 +247,7 @@ func (a *Agent) init() {
 		a.drained = make(chan struct{})
 		a.engines.agent = a
 		a.sched.slots.init(a.maxInFlight())
+		a.reassemblies.max = int64(a.maxReassemblyBytes())
 		if a.MaxConns > 0 {
 			a.connSlots = make(chan struct{}, a.MaxConns)
 		}
