@@ -73,6 +73,20 @@ func (a *Agent) maxReassemblyBytes() int {
 	return a.MaxReassemblyBytes
 }
 
+func (a *Agent) maxACKBacklog() int {
+	if a.MaxACKBacklog <= 0 {
+		return DefaultMaxACKBacklog
+	}
+	return a.MaxACKBacklog
+}
+
+func (a *Agent) maxACKBacklogTotal() int {
+	if a.MaxACKBacklogTotal <= 0 {
+		return DefaultMaxACKBacklogTotal
+	}
+	return a.MaxACKBacklogTotal
+}
+
 func (a *Agent) readTimeout() time.Duration {
 	if a.ReadTimeout <= 0 {
 		return DefaultReadTimeout
@@ -111,6 +125,7 @@ type config struct {
 	logger       logrus.FieldLogger
 	maxFrameSize int
 	maxPerConn   int64
+	maxBacklog   int // MaxACKBacklog
 	readTimeout  time.Duration
 	idleTimeout  time.Duration
 	writeTimeout time.Duration
@@ -128,6 +143,7 @@ func (a *Agent) config() *config {
 		logger:       a.logger(),
 		maxFrameSize: a.maxFrameSize(),
 		maxPerConn:   a.maxInFlightPerConn(),
+		maxBacklog:   a.maxACKBacklog(),
 		readTimeout:  a.readTimeout(),
 		idleTimeout:  a.IdleTimeout,
 		writeTimeout: a.writeTimeout(),

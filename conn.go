@@ -76,7 +76,7 @@ func newConn(a *Agent, cfg *config, nc net.Conn) *conn {
 	c := &conn{agent: a, cfg: cfg, stats: &a.stats, sched: &a.sched, nc: nc, maxFrame: maxHelloFrame}
 	c.refs.Store(1)
 	c.rd.init(nc, maxHelloFrame)
-	c.wr.init(nc, cfg.writeTimeout, &a.stats)
+	c.wr.init(nc, cfg.writeTimeout, &a.stats, cfg.maxBacklog, &a.backlog)
 	c.slots.init(cfg.maxPerConn)
 	return c
 }

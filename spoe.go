@@ -108,6 +108,8 @@ const (
 	DefaultMaxNotifyMessages  = 256
 	DefaultMaxNotifyArgs      = 4096
 	DefaultMaxReassemblyBytes = 16 << 20
+	DefaultMaxACKBacklog      = 256 << 10
+	DefaultMaxACKBacklogTotal = 16 << 20
 )
 
 // Agent serves SPOP connections from HAProxy. Its exported fields are its
@@ -194,6 +196,20 @@ type Agent struct {
 	// DefaultWriteTimeout.
 	WriteTimeout time.Duration
 
+	// MaxACKBacklog limits the bytes of ACKs waiting on one connection
+	// while a write to it blocks (HAProxy, or a peer, not reading), and
+	// MaxACKBacklogTotal those of every connection together. When either
+	// is reached, handlers that finish on that connection wait to hand
+	// their ACK over, keeping their slots (MaxInFlightPerConn), and the
+	// connection stops reading: TCP holds the peer back until it reads, or
+	// WriteTimeout closes the connection. ACKs ready while nothing waits
+	// are always taken, so a connection may hold up to MaxACKBacklog plus
+	// one run of ACKs beyond the total. HAProxy reads its ACKs as they
+	// come: neither bound delays it. Zero means DefaultMaxACKBacklog and
+	// DefaultMaxACKBacklogTotal.
+	MaxACKBacklog      int
+	MaxACKBacklogTotal int
+
 	// ErrorVar is the name of the transaction variable the agent sets to
 	// true (txn.<prefix>.<ErrorVar>) in place of the handler's actions when
 	// the handler fails. Zero means DefaultErrorVar, which is the name to
@@ -227,6 +243,7 @@ type Agent struct {
 
 	engines      engines
 	reassemblies reassemblyBudget // MaxReassemblyBytes
+	backlog      backlogBudget    // MaxACKBacklogTotal
 	stats        stats
 	logs         logLimiter // rate of the handler failure logs
 
@@ -248,6 +265,7 @@ func (a *Agent) init() {
 		a.engines.agent = a
 		a.sched.slots.init(a.maxInFlight())
 		a.reassemblies.max = int64(a.maxReassemblyBytes())
+		a.backlog.max = int64(a.maxACKBacklogTotal())
 		if a.MaxConns > 0 {
 			a.connSlots = make(chan struct{}, a.MaxConns)
 		}
