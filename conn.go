@@ -16,6 +16,12 @@ import (
 // the connection and could lose that frame).
 const lingerTimeout = time.Second
 
+// lingerMaxBytes bounds what a closing connection discards while it
+// lingers: HAProxy stops sending at the agent's last frame, and has at
+// most some 20 NOTIFYs of max-frame-size in flight by then; a peer that
+// sends more is not listening, and is not waited for.
+const lingerMaxBytes = 1 << 20
+
 // maxHelloFrame bounds frames before the handshake: a HAPROXY-HELLO is
 // about 130 bytes.
 const maxHelloFrame = 16 << 10
@@ -285,9 +291,11 @@ func (c *conn) onDisconnect(f *frame) error {
 }
 
 // drain handles the frames HAProxy sent before it could learn of the
-// shutdown: those already in the read buffer and in the socket's. A frame
-// that is not whole by then is left.
+// shutdown: those already in the read buffer, and at most the bytes the
+// socket held when the reader was stopped, however much the peer sends
+// since. A frame that is not whole by then is left.
 func (c *conn) drain() error {
+	budget := c.rd.stopUnread
 	for {
 		var f frame
 		for {
@@ -302,9 +310,14 @@ func (c *conn) drain() error {
 				return err
 			}
 		}
-		if !c.rd.fillNow() {
+		if budget <= 0 {
 			return nil
 		}
+		n := c.rd.fillNow(budget)
+		if n == 0 {
+			return nil
+		}
+		budget -= n
 	}
 }
 
@@ -404,14 +417,15 @@ func (c *conn) end(err error) {
 }
 
 // linger waits, briefly, for HAProxy to close after the agent's last frame,
-// discarding what it still sends, so that closing with unread data does not
-// reset the connection before HAProxy read that frame.
+// discarding what it still sends (up to lingerTimeout and lingerMaxBytes),
+// so that closing with unread data does not reset the connection before
+// HAProxy read that frame.
 func (c *conn) linger() {
 	c.wr.closeWrite()
 	_ = c.nc.SetReadDeadline(time.Now().Add(lingerTimeout))
-	var buf [512]byte
+	var buf [4096]byte
 	discarded := 0
-	for {
+	for discarded < lingerMaxBytes {
 		n, err := c.nc.Read(buf[:])
 		discarded += n
 		if err != nil {

@@ -50,6 +50,9 @@ type frameReader struct {
 
 	stopMu  sync.Mutex // orders deadline changes with stop
 	stopped atomic.Bool
+	// stopUnread: the bytes the socket held, unread, when stop was
+	// called; written before stopped is set.
+	stopUnread int
 }
 
 // Read deadline kinds.
@@ -161,21 +164,26 @@ func (rd *frameReader) fill() error {
 	return err
 }
 
-// fillNow reads what the socket already holds, without waiting (the read
-// deadline may have passed: stop sets it so). It reports whether it read.
-func (rd *frameReader) fillNow() bool {
+// fillNow reads what the socket already holds, at most max bytes,
+// without waiting (the read deadline may have passed: stop sets it so).
+// It returns the bytes read.
+func (rd *frameReader) fillNow(max int) int {
 	if rd.in == nil {
 		rd.in, rd.r, rd.w = getBuffer(0), 0, 0
 	} else if rd.r > 0 {
 		rd.w = copy(rd.in.b, rd.in.b[rd.r:rd.w])
 		rd.r = 0
 	}
-	if rd.w == len(rd.in.b) {
-		return false
+	end := len(rd.in.b)
+	if end-rd.w > max {
+		end = rd.w + max
 	}
-	n := rd.readNow(rd.in.b[rd.w:])
+	if rd.w == end {
+		return 0
+	}
+	n := rd.readNow(rd.in.b[rd.w:end])
 	rd.w += n
-	return n > 0
+	return n
 }
 
 // plainRead reads with the source's Read, for sources without raw access.
@@ -282,6 +290,9 @@ func (rd *frameReader) setDeadlineLocked(kind int, d time.Duration) {
 // armDeadline return errDraining. Any goroutine may call it.
 func (rd *frameReader) stop() {
 	rd.stopMu.Lock()
+	if !rd.stopped.Load() {
+		rd.stopUnread = rd.unreadInSocket()
+	}
 	rd.stopped.Store(true)
 	if rd.nc != nil {
 		_ = rd.nc.SetReadDeadline(time.Unix(1, 0))

@@ -450,17 +450,22 @@ func (a *Agent) closeListeners() ([]*conn, error) {
 	return conns, err
 }
 
-// Shutdown stops the agent gracefully: it closes the listeners, lets the
-// handlers that are running finish and their ACKs go out, then sends
-// AGENT-DISCONNECT "normal" on every connection and closes it. The frames
-// HAProxy sent before it could learn of the shutdown are handled if they
-// are whole in the agent's read buffer or, on unix, in the socket's receive
-// buffer by then; the others (a frame not whole yet, or on other systems
-// any frame not read yet) are not: HAProxy sees them fail as the
-// connection closes.
+// Shutdown stops the agent gracefully. At once, it closes the listeners
+// and stops reading on every connection: whatever a peer sends from then
+// on is not handled. Each connection then handles the frames HAProxy sent
+// before it could learn of the shutdown, bounded: those whole in the
+// agent's read buffer, and, on Linux, those whole within the bytes the
+// socket had received by the call (elsewhere on unix, within 64 KiB of
+// them; on other systems, none). It lets the handlers running on it
+// finish and writes their ACKs, then sends AGENT-DISCONNECT with status 0
+// "normal" after them, waits for HAProxy to close (at most 1 s, and 1 MiB
+// of what the peer still sends, discarded), and closes. The NOTIFYs left
+// unhandled get no ACK: HAProxy sees them fail as the connection closes.
 //
-// It returns nil once every connection is closed, or ctx.Err() if ctx ends
-// first; Close then ends what is left. Serve returns ErrAgentClosed at once.
+// It returns nil once every connection is closed and every handler has
+// returned, or ctx.Err() if ctx ends first; Close then ends what is left.
+// A peer that does not read its ACKs can hold a connection up to
+// WriteTimeout. Serve returns ErrAgentClosed at once.
 func (a *Agent) Shutdown(ctx context.Context) error {
 	conns, lerr := a.closeListeners()
 	for _, c := range conns {
