@@ -16,10 +16,12 @@ import (
 // the connection and could lose that frame).
 const lingerTimeout = time.Second
 
-// lingerMaxBytes bounds what a closing connection discards while it
-// lingers: HAProxy stops sending at the agent's last frame, and has at
-// most some 20 NOTIFYs of max-frame-size in flight by then; a peer that
-// sends more is not listening, and is not waited for.
+// lingerMaxBytes: a closing connection that discarded that much while it
+// lingers stops waiting for the peer to close as soon as the peer
+// acknowledged every byte the agent sent (on Linux): HAProxy stops sending
+// at the agent's last frame, with at most some 20 NOTIFYs of
+// max-frame-size in flight by then; a peer that sends more is not
+// listening.
 const lingerMaxBytes = 1 << 20
 
 // maxHelloFrame bounds frames before the handshake: a HAPROXY-HELLO is
@@ -295,7 +297,6 @@ func (c *conn) onDisconnect(f *frame) error {
 // socket held when the reader was stopped, however much the peer sends
 // since. A frame that is not whole by then is left.
 func (c *conn) drain() error {
-	budget := c.rd.stopUnread
 	for {
 		var f frame
 		for {
@@ -310,14 +311,16 @@ func (c *conn) drain() error {
 				return err
 			}
 		}
-		if budget <= 0 {
+		// The budget is the reading role's: a rescue during the drain
+		// hands over what is left of it.
+		if c.rd.stopUnread <= 0 {
 			return nil
 		}
-		n := c.rd.fillNow(budget)
+		n := c.rd.fillNow(c.rd.stopUnread)
 		if n == 0 {
 			return nil
 		}
-		budget -= n
+		c.rd.stopUnread -= n
 	}
 }
 
@@ -417,7 +420,7 @@ func (c *conn) end(err error) {
 }
 
 // linger waits, briefly, for HAProxy to close after the agent's last frame,
-// discarding what it still sends (up to lingerTimeout and lingerMaxBytes),
+// discarding what it still sends (see lingerTimeout and lingerMaxBytes),
 // so that closing with unread data does not reset the connection before
 // HAProxy read that frame.
 func (c *conn) linger() {
@@ -425,10 +428,10 @@ func (c *conn) linger() {
 	_ = c.nc.SetReadDeadline(time.Now().Add(lingerTimeout))
 	var buf [4096]byte
 	discarded := 0
-	for discarded < lingerMaxBytes {
+	for {
 		n, err := c.nc.Read(buf[:])
 		discarded += n
-		if err != nil {
+		if err != nil || discarded >= lingerMaxBytes && c.rd.sentAndAcked() {
 			break
 		}
 	}

@@ -7,15 +7,30 @@ import (
 
 // unreadInSocket returns the bytes the socket has received and not yet
 // given to the reader (TIOCINQ).
-func (rd *frameReader) unreadInSocket() int {
-	if rd.rc == nil {
-		return 0
+func (rd *frameReader) unreadInSocket() int { return rd.socketQueue(syscall.TIOCINQ) }
+
+// sentAndAcked reports whether the peer's TCP acknowledged every byte
+// written to the socket (TIOCOUTQ is zero): closing then cannot lose them.
+func (rd *frameReader) sentAndAcked() bool {
+	return rd.rc != nil && rd.socketQueueOK(syscall.TIOCOUTQ) == 0
+}
+
+// socketQueue returns the length of one of the socket's queues, 0 when
+// it cannot be known.
+func (rd *frameReader) socketQueue(req uintptr) int {
+	if n := rd.socketQueueOK(req); n > 0 {
+		return n
 	}
-	n := 0
+	return 0
+}
+
+// socketQueueOK is socketQueue, -1 when it cannot be known.
+func (rd *frameReader) socketQueueOK(req uintptr) int {
+	n := -1
 	_ = rd.rc.Control(func(fd uintptr) {
 		var v int32
-		_, _, errno := syscall.Syscall(syscall.SYS_IOCTL, fd, syscall.TIOCINQ, uintptr(unsafe.Pointer(&v)))
-		if errno == 0 && v > 0 {
+		_, _, errno := syscall.Syscall(syscall.SYS_IOCTL, fd, req, uintptr(unsafe.Pointer(&v)))
+		if errno == 0 {
 			n = int(v)
 		}
 	})

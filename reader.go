@@ -51,7 +51,8 @@ type frameReader struct {
 	stopMu  sync.Mutex // orders deadline changes with stop
 	stopped atomic.Bool
 	// stopUnread: the bytes the socket held, unread, when stop was
-	// called; written before stopped is set.
+	// called, written before stopped is set; then what is left of them
+	// to drain, the reading role's.
 	stopUnread int
 }
 
@@ -60,6 +61,8 @@ const (
 	deadlineNone  = iota
 	deadlineIdle  // waiting for the next frame
 	deadlineFrame // waiting for the rest of a frame (or for the HELLO)
+
+	deadlineUnknown = -1 // the socket's deadline is not known: set it
 )
 
 // errDraining: the reader was stopped (Agent.Shutdown).
@@ -258,7 +261,7 @@ func (rd *frameReader) armDeadline(idle bool, frameTimeout, idleTimeout time.Dur
 // that wait for its fragments. It returns errDraining once stop was
 // called.
 func (rd *frameReader) capDeadline(at time.Time) error {
-	if rd.dlKind != deadlineNone && !rd.dlAt.After(at) {
+	if rd.dlKind != deadlineNone && rd.dlKind != deadlineUnknown && !rd.dlAt.After(at) {
 		return nil
 	}
 	rd.stopMu.Lock()
@@ -273,8 +276,9 @@ func (rd *frameReader) capDeadline(at time.Time) error {
 	return nil
 }
 
-// resetDeadline makes the next armDeadline set a deadline afresh.
-func (rd *frameReader) resetDeadline() { rd.dlKind = deadlineNone; rd.dlAt = time.Time{} }
+// resetDeadline makes the next armDeadline set the socket's deadline
+// afresh, whatever it is for.
+func (rd *frameReader) resetDeadline() { rd.dlKind, rd.dlAt = deadlineUnknown, time.Time{} }
 
 // setDeadlineLocked sets the deadline, with stopMu held.
 func (rd *frameReader) setDeadlineLocked(kind int, d time.Duration) {

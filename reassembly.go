@@ -90,7 +90,6 @@ func (c *conn) appendFragment(p []byte) {
 		nb := make([]byte, len(ra.buf), size)
 		copy(nb, ra.buf)
 		ra.buf = nb
-		c.agent.reassemblies.shrink(ra.reserved)
 		ra.reserved = size
 	}
 	ra.buf = append(ra.buf, p...)
