@@ -108,7 +108,7 @@ const (
 	DefaultMaxNotifyMessages  = 256
 	DefaultMaxNotifyArgs      = 4096
 	DefaultMaxReassemblyBytes = 16 << 20
-	DefaultMaxACKBacklog      = 256 << 10
+	DefaultMaxACKBacklog      = 64 << 10
 	DefaultMaxACKBacklogTotal = 16 << 20
 )
 

@@ -208,12 +208,16 @@ func (c *conn) outBuf() []byte {
 	return c.out.b
 }
 
+// maxGathered bounds the ACKs the reading role gathers before it writes
+// them (the pooled output buffers are kept up to that size).
+const maxGathered = 64 << 10
+
 // gather adds frames to those written before the next blocking read; a
-// run of ACKs past the backlog bound is written at once (and waits, if
-// the peer does not read: see frameWriter).
+// run of ACKs past maxGathered is written at once (and waits, if the peer
+// does not read: see frameWriter).
 func (c *conn) gather(frames []byte) {
 	c.out.b = append(c.outBuf(), frames...)
-	if len(c.out.b) > c.wr.maxPending {
+	if len(c.out.b) > maxGathered {
 		c.disarm()
 		_ = c.flush() // a failure ends the connection: see write
 	}
