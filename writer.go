@@ -58,6 +58,10 @@ type writeError struct {
 func (e *writeError) Error() string { return "spoe: write: " + e.err.Error() }
 func (e *writeError) Unwrap() error { return e.err }
 
+// testHookBacklogWait, when set by a test, is called with the writer's
+// mutex held each time a goroutine waits for room.
+var testHookBacklogWait func()
+
 // backlogBudget counts the bytes pending in every writer of the agent.
 type backlogBudget struct {
 	max  int64
@@ -110,6 +114,9 @@ func (fw *frameWriter) takePending() []byte {
 func (fw *frameWriter) write(frames []byte, last bool) error {
 	fw.mu.Lock()
 	for fw.writing && !fw.closed && fw.full(len(frames)) {
+		if testHookBacklogWait != nil {
+			testHookBacklogWait()
+		}
 		fw.cond.Wait() // back-pressure: see frameWriter
 	}
 	if fw.closed {
