@@ -289,12 +289,12 @@ func testACKBacklog(t *testing.T, total int) {
 	t.Logf("%d connections pipelining and never reading, %v: %d MiB of NOTIFYs sent, handled by the second %v; live heap per second %v; %s -> %s (%+.1f MiB, %.1f MiB/s); most ACK bytes pending %d; sampled peak heap %s; peak RSS %s",
 		n, time.Since(start).Round(time.Millisecond), sentBytes.Load()>>20, handled,
 		mibs(samples), mib(base), mib(live), grown, grown/time.Since(start).Seconds(), backlog.Load(), mib(peak), mib(peakRSS()))
-	// Pending: MaxACKBacklog and one run of ACKs (one ACK here: the
-	// handlers are dispatched) a connection, or the total and one ACK a
-	// connection.
-	limit := int64(n) * (DefaultMaxACKBacklog + 1024)
+	// Pending and being written from pending: MaxACKBacklog and one run
+	// of ACKs (one ACK here: the handlers are dispatched) a connection,
+	// twice; or the total, strictly.
+	limit := int64(n) * 2 * (DefaultMaxACKBacklog + 1024)
 	if total > 0 {
-		limit = int64(total) + int64(n)*1024
+		limit = int64(total)
 	}
 	assert.LessOrEqual(t, backlog.Load(), limit, "ACK backlog bounded")
 	// What the connections hold: their backlog, being written or pending

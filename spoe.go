@@ -198,15 +198,16 @@ type Agent struct {
 
 	// MaxACKBacklog limits the bytes of ACKs waiting on one connection
 	// while a write to it blocks (HAProxy, or a peer, not reading), and
-	// MaxACKBacklogTotal those of every connection together. When either
-	// is reached, handlers that finish on that connection wait to hand
-	// their ACK over, keeping their slots (MaxInFlightPerConn), and the
-	// connection stops reading: TCP holds the peer back until it reads, or
-	// WriteTimeout closes the connection. ACKs ready while nothing waits
-	// are always taken, so a connection may hold up to MaxACKBacklog plus
-	// one run of ACKs beyond the total. HAProxy reads its ACKs as they
-	// come: neither bound delays it. Zero means DefaultMaxACKBacklog and
-	// DefaultMaxACKBacklogTotal.
+	// MaxACKBacklogTotal those of every connection together, waiting or
+	// being written after a wait. When either is reached, handlers that
+	// finish on that connection wait to hand their ACK over, keeping their
+	// slots (MaxInFlightPerConn), and the connection stops reading: TCP
+	// holds the peer back until it reads, or WriteTimeout closes the
+	// connection. A connection takes one run of ACKs (the ACKs of one
+	// read, or one handler's) whatever its size when none wait, so it
+	// holds at most max(MaxACKBacklog, one run), and as much again being
+	// written. HAProxy reads its ACKs as they come: neither bound delays
+	// it. Zero means DefaultMaxACKBacklog and DefaultMaxACKBacklogTotal.
 	MaxACKBacklog      int
 	MaxACKBacklogTotal int
 

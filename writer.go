@@ -18,11 +18,15 @@ import (
 //
 // The frames gathered while a write blocks (a peer that does not read)
 // are bounded: beyond maxPending bytes for the connection, or the agent's
-// backlog budget in all, a goroutine that brings more waits until the
-// write under way takes them, or fails at its WriteTimeout. A handler's
-// goroutine so holds its slot, and the reading goroutine stops reading:
-// the peer is held back by TCP. A run of frames is taken whatever its
-// size when nothing is pending, so that one big ACK never waits forever.
+// backlog budget for the frames pending and being written from pending in
+// all connections, a goroutine that brings more waits until the write
+// under way takes them or ends (written, or failed at its WriteTimeout).
+// A handler's goroutine so holds its slot, and the reading goroutine stops
+// reading: the peer is held back by TCP. The waiters only wait while a
+// write of their own connection is under way: when none is, they write
+// themselves, so that one big ACK never waits forever, and frames written
+// so are their caller's (an in-flight ACK, or the reading role's gathered
+// ones), not the backlog's.
 //
 // Ownership: any goroutine may call write and closeWrite. mu guards
 // writing, closed and pending; dlAt belongs to the goroutine that set
@@ -75,15 +79,20 @@ func (fw *frameWriter) init(nc net.Conn, timeout time.Duration, st *stats, maxPe
 }
 
 // full reports whether n more pending bytes would exceed the bounds, with
-// mu held. Frames are always taken when none are pending.
+// mu held: the connection's (a run is taken whatever its size when
+// nothing is pending) or the agent's (pending and being written).
 func (fw *frameWriter) full(n int) bool {
-	if len(fw.pending) == 0 {
-		return false
-	}
-	if len(fw.pending)+n > fw.maxPending {
+	if len(fw.pending) > 0 && len(fw.pending)+n > fw.maxPending {
 		return true
 	}
 	return fw.budget != nil && fw.budget.used.Load()+int64(n) > fw.budget.max
+}
+
+// release gives back to the agent's budget n bytes written or dropped.
+func (fw *frameWriter) release(n int) {
+	if fw.budget != nil && n > 0 {
+		fw.budget.used.Add(-int64(n))
+	}
 }
 
 // addPending appends frames to those pending, with mu held.
@@ -95,13 +104,11 @@ func (fw *frameWriter) addPending(frames []byte) {
 }
 
 // takePending hands the pending frames to the writer, with mu held, and
-// wakes the goroutines waiting for room.
+// wakes the goroutines waiting for room. They stay counted in the agent's
+// budget until written.
 func (fw *frameWriter) takePending() []byte {
 	p := fw.pending
 	fw.pending = nil
-	if fw.budget != nil && len(p) > 0 {
-		fw.budget.used.Add(-int64(len(p)))
-	}
 	fw.cond.Broadcast()
 	return p
 }
@@ -138,8 +145,12 @@ func (fw *frameWriter) write(frames []byte, last bool) error {
 	for {
 		n, err := fw.writeOut(batch)
 		fw.mu.Lock()
+		if owned {
+			fw.release(len(batch))
+		}
 		if err != nil {
 			fw.closed = true
+			fw.release(len(fw.pending))
 			lost := append(append([]byte(nil), unwritten(batch, n)...), fw.takePending()...)
 			fw.writing = false
 			fw.cond.Broadcast()
