@@ -64,7 +64,7 @@ func (e *writeError) Unwrap() error { return e.err }
 
 // testHookBacklogWait, when set by a test, is called with the writer's
 // mutex held each time a goroutine waits for room.
-var testHookBacklogWait func()
+var testHookBacklogWait atomic.Pointer[func()]
 
 // backlogBudget counts the bytes pending in every writer of the agent.
 type backlogBudget struct {
@@ -121,8 +121,8 @@ func (fw *frameWriter) takePending() []byte {
 func (fw *frameWriter) write(frames []byte, last bool) error {
 	fw.mu.Lock()
 	for fw.writing && !fw.closed && fw.full(len(frames)) {
-		if testHookBacklogWait != nil {
-			testHookBacklogWait()
+		if hook := testHookBacklogWait.Load(); hook != nil {
+			(*hook)()
 		}
 		fw.cond.Wait() // back-pressure: see frameWriter
 	}

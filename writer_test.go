@@ -31,8 +31,9 @@ func TestWriterBacklogBound(t *testing.T) {
 			var fw frameWriter
 			fw.init(agentSide, time.Hour, &stats{}, tc.maxPending, budget)
 			waiting := make(chan struct{}, 8)
-			testHookBacklogWait = func() { waiting <- struct{}{} }
-			defer func() { testHookBacklogWait = nil }()
+			hook := func() { waiting <- struct{}{} }
+			testHookBacklogWait.Store(&hook)
+			defer testHookBacklogWait.Store(nil)
 
 			frame := func(fill byte, n int) []byte {
 				b := make([]byte, n)
@@ -75,8 +76,9 @@ func TestWriterBacklogClosed(t *testing.T) {
 	var fw frameWriter
 	fw.init(agentSide, time.Hour, &stats{}, 10, budget)
 	waiting := make(chan struct{}, 8)
-	testHookBacklogWait = func() { waiting <- struct{}{} }
-	defer func() { testHookBacklogWait = nil }()
+	hook := func() { waiting <- struct{}{} }
+	testHookBacklogWait.Store(&hook)
+	defer testHookBacklogWait.Store(nil)
 	first := make(chan error, 1)
 	go func() { first <- fw.write(make([]byte, 8), false) }()
 	waitFor(t, func() bool {
