@@ -34,7 +34,8 @@ func (s VarScope) String() string {
 }
 
 // Errors of actions. A refused action is left out of the ACK, logged and
-// counted; the rest of the ACK still goes.
+// counted; the rest of the ACK still goes, with the error variable set
+// (Agent.ErrorVar).
 var (
 	// ErrVarName: HAProxy would silently drop the variable: a name must be
 	// made of [A-Za-z0-9_.] and <scope>.<prefix>.<name> must fit 63 bytes.
@@ -54,6 +55,14 @@ const maxVarNameLen = 63
 
 // Action codes of an ACK's LIST-OF-ACTIONS.
 const (
+	// actionNoop is what the agent sends for "no actions": an ACK with an
+	// empty payload is never handed to the SPOE applet by HAProxy 3.1.0
+	// (mux_spop.c, spop_conn_handle_ack jumps past it, so the event waits
+	// for "timeout processing"), while every version stops quietly at an
+	// action type it does not know (flt_spoe.c, spoe_process_actions), and
+	// HAProxy 3.2+ itself turns an empty ACK into this one byte
+	// (SPOP_ACT_T_NOOP).
+	actionNoop     = 0
 	actionSetVar   = 1
 	actionUnsetVar = 2
 )
@@ -97,9 +106,11 @@ func (a ActionUnsetVar) writeTo(w *ActionWriter) error { return w.UnsetVar(a.Sco
 // race detector turn any later call of its methods into a panic.
 //
 // Every method checks the variable name, the scope and the value, and that
-// the ACK still fits the negotiated max-frame-size. A refused action is not
-// written; its error is returned and also logged and counted by the agent,
-// so that no variable is lost silently.
+// the ACK still fits the negotiated max-frame-size (less the room kept for
+// the error variable). A refused action is not written; its error is
+// returned and also logged and counted by the agent, which sets the error
+// variable (Agent.ErrorVar) in the ACK, so that no variable is lost
+// silently.
 type ActionWriter struct {
 	buf       []byte // output; the ACK frame starts at start
 	start     int
@@ -125,6 +136,9 @@ func (w *ActionWriter) reset(buf []byte, streamID, frameID uint64, maxFrameSize,
 
 // finish completes the ACK and returns the output buffer.
 func (w *ActionWriter) finish() []byte {
+	if len(w.buf) == w.actions {
+		w.buf = append(w.buf, actionNoop) // no actions: see actionNoop
+	}
 	finishFrame(w.buf, w.start)
 	return w.buf
 }

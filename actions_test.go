@@ -28,9 +28,11 @@ func TestACKGolden(t *testing.T) {
 	assert.Equal(t, want, w.finish())
 }
 
+// TestEmptyACKGolden: no actions is one NOOP action byte (type 0), not an
+// empty payload, which HAProxy 3.1.0 never applies (see actionNoop).
 func TestEmptyACKGolden(t *testing.T) {
 	w := newTestWriter(5, 1, 16380)
-	assert.Equal(t, unhex(t, "00 00 00 07 67 00 00 00 01 05 01"), w.finish())
+	assert.Equal(t, unhex(t, "00 00 00 08 67 00 00 00 01 05 01 00"), w.finish())
 }
 
 func TestSetVarValues(t *testing.T) {

@@ -19,7 +19,19 @@ import (
 
 // startAgent serves a on a loopback listener and returns its address. The
 // agent is closed, and Serve's return checked, when the test ends.
+//
+// The Client offers what HAProxy 3.1+ offers, to which the agent does not
+// answer "pipelining" by default (agentCaps); these tests are about how
+// the agent handles pipelined frames, so it keeps it here. The default is
+// tested by TestNoPipeliningToHAProxy3 and end to end.
 func startAgent(t testing.TB, a *Agent) string {
+	t.Helper()
+	a.keepPipelining = true
+	return startAgentAsIs(t, a)
+}
+
+// startAgentAsIs is startAgent without keepPipelining set.
+func startAgentAsIs(t testing.TB, a *Agent) string {
 	t.Helper()
 	if a.Logger == nil {
 		l, _ := test.NewNullLogger()
@@ -184,17 +196,17 @@ func TestHandshakeNegotiation(t *testing.T) {
 
 	p := dialRaw(t, addr)
 	h := p.hello("pipelining,async", "e1", 16380)
-	assert.True(t, h["version"].Equal("2.0"))
+	assert.True(t, h["version"].EqualString("2.0"))
 	assert.Equal(t, TypeUint32, h["max-frame-size"].Type())
 	n, _ := h["max-frame-size"].Uint()
 	assert.Equal(t, uint64(4096), n, "the agent's limit when lower than HAProxy's")
-	assert.True(t, h["capabilities"].Equal("pipelining,async,fragmentation"))
+	assert.True(t, h["capabilities"].EqualString("pipelining,async,fragmentation"))
 
 	p = dialRaw(t, addr)
 	h = p.hello("", "", 1000)
 	n, _ = h["max-frame-size"].Uint()
 	assert.Equal(t, uint64(1000), n, "HAProxy's when lower")
-	assert.True(t, h["capabilities"].Equal("fragmentation"), "nothing HAProxy did not offer, but fragmentation")
+	assert.True(t, h["capabilities"].EqualString("fragmentation"), "nothing HAProxy did not offer, but fragmentation")
 
 	c := dialAgent(t, addr, ClientConfig{NoPipelining: true})
 	assert.Equal(t, "fragmentation", c.Capabilities())
@@ -283,7 +295,8 @@ func TestHandlerFailures(t *testing.T) {
 }
 
 // TestRefusedActionsReported: actions HAProxy would drop are left out,
-// logged and counted; the others still go.
+// logged and counted; the others still go, with the error variable set so
+// that HAProxy's rules can tell.
 func TestRefusedActionsReported(t *testing.T) {
 	logger, hook := test.NewNullLogger()
 	a := New(func([]Message) ([]Action, error) {
@@ -297,7 +310,10 @@ func TestRefusedActionsReported(t *testing.T) {
 	c := dialAgent(t, startAgent(t, a), ClientConfig{})
 	actions, err := c.Notify(notifyCtx(t), ClientMessage{Name: "m"})
 	require.NoError(t, err)
-	assert.Equal(t, []Action{ActionSetVar{Name: "good", Scope: VarScopeSession, Value: int64(2)}}, actions)
+	assert.Equal(t, []Action{
+		ActionSetVar{Name: "good", Scope: VarScopeSession, Value: int64(2)},
+		ActionSetVar{Name: "error", Scope: VarScopeTransaction, Value: true},
+	}, actions)
 	assert.Equal(t, uint64(2), a.Stats().ActionsRefused)
 	var logged bool
 	for _, e := range hook.AllEntries() {
@@ -418,6 +434,18 @@ func TestHealthCheck(t *testing.T) {
 		assert.Equal(t, flagFin, f.flags, "3.x demands flags exactly FIN")
 		assert.Zero(t, f.streamID)
 		assert.Zero(t, f.frameID)
+		// The protocol's minimum, which every version's check accepts
+		// whatever its tune.bufsize (see helloFrameSize).
+		var n uint64
+		for off := 0; off < len(f.payload); {
+			e, next, err := readKV(f.payload, off)
+			require.NoError(t, err)
+			if string(e.key) == "max-frame-size" {
+				n, _ = e.value.Uint()
+			}
+			off = next
+		}
+		assert.Equal(t, uint64(MinFrameSize), n)
 		p.expectClosed()
 	}
 	assert.Equal(t, uint64(2), a.Stats().Healthchecks)
@@ -451,7 +479,9 @@ func TestGoldenSession(t *testing.T) {
 				assert.Equal(t, flagFin, ack.flags)
 				assert.Equal(t, f.streamID, ack.streamID, "stream-id echoed")
 				assert.Equal(t, f.frameID, ack.frameID, "frame-id echoed")
-				assert.Empty(t, ack.payload)
+				// No actions: one NOOP action byte, not an empty payload
+				// (HAProxy 3.1.0 ignores an empty ACK; see actionNoop).
+				assert.Equal(t, []byte{actionNoop}, ack.payload)
 			}
 			assert.Equal(t, []string{"ip-rep", "echo", "m_one", "m_two", "m_three"}, got)
 			disc := "haproxy-disconnect-status0.bin"
@@ -836,4 +866,86 @@ func (g *gate) ServeSPOE(w *ActionWriter, r *Request) error {
 func notifyNamed(name string, sid, fid uint64) []byte {
 	payload, _ := appendMessages(nil, []ClientMessage{{Name: name}})
 	return rawFrame(frameNotify, flagFin, sid, fid, payload)
+}
+
+// TestOversizedNotifyFailsOneEvent: HAProxy 3.1.0 may send a NOTIFY above
+// the max-frame-size the agent answered (not above its own). The agent
+// answers it like a failed handler (the error variable) and skips it; the
+// connection goes on. Above HAProxy's own size it is still a protocol
+// error.
+func TestOversizedNotifyFailsOneEvent(t *testing.T) {
+	a := New(seedHandler)
+	a.MaxFrameSize = 256
+	p := dialRaw(t, startAgent(t, a))
+	h := p.hello("pipelining", "", 16380)
+	n, _ := h["max-frame-size"].Uint()
+	require.Equal(t, uint64(256), n)
+
+	big, err := appendMessages(nil, []ClientMessage{{Name: "ip-rep", Args: []Arg{
+		{Name: "ip", Value: net.IP{10, 0, 0, 1}}, {Name: "pad", Value: strings.Repeat("x", 3000)}}}})
+	require.NoError(t, err)
+	p.send(rawFrame(frameNotify, flagFin, 3, 1, big))
+	ack := p.next()
+	require.Equal(t, frameAck, ack.typ)
+	assert.Equal(t, uint64(3), ack.streamID)
+	actions, err := decodeActions(ack.payload)
+	require.NoError(t, err)
+	assert.Equal(t, []Action{ActionSetVar{Name: DefaultErrorVar, Scope: VarScopeTransaction, Value: true}}, actions)
+
+	small, err := appendMessages(nil, []ClientMessage{ipRep(net.IP{10, 0, 0, 3})})
+	require.NoError(t, err)
+	p.send(rawFrame(frameNotify, flagFin, 5, 1, small))
+	ack = p.next()
+	require.Equal(t, frameAck, ack.typ)
+	assert.Equal(t, uint64(5), ack.streamID)
+	actions, err = decodeActions(ack.payload)
+	require.NoError(t, err)
+	assert.Equal(t, []Action{ActionSetVar{Name: "reputation", Scope: VarScopeSession, Value: "0.75"}}, actions)
+	assert.Equal(t, uint64(1), a.Stats().NotifyTooBig)
+
+	// Above HAProxy's own max-frame-size: the connection ends.
+	p.send(rawFrame(frameNotify, flagFin, 7, 1, make([]byte, 16381)))
+	p.expectDisconnect(StatusFrameTooBig)
+}
+
+// TestFragmentAbortedThenNext: what HAProxy 2.6 does after the agent's
+// aborting ACK for a NOTIFY grown past maxReassembled: it fails the event
+// and sends nothing more of it, not even an ABORT fragment; fragments of it
+// already on their way still come, possibly amid the next NOTIFY's. The
+// next NOTIFYs must be answered, the strays ignored.
+func TestFragmentAbortedThenNext(t *testing.T) {
+	a := New(seedHandler)
+	a.MaxFrameSize = 16380
+	p := dialRaw(t, startAgent(t, a))
+	p.hello("pipelining,async", "e1", 16380)
+
+	chunk := make([]byte, 16000)
+	p.send(rawFrame(frameNotify, 0, 1, 1, chunk))
+	for i := 0; i < maxReassembled/len(chunk)+1; i++ {
+		p.send(rawFrame(frameUnset, 0, 1, 1, chunk))
+	}
+	ack := p.next()
+	require.Equal(t, frameAck, ack.typ)
+	require.True(t, ack.abort(), "aborting ACK")
+	assert.Equal(t, uint64(1), ack.streamID)
+
+	small, err := appendMessages(nil, []ClientMessage{ipRep(net.IP{10, 0, 0, 3})})
+	require.NoError(t, err)
+	// The next NOTIFY, whole: answered.
+	p.send(rawFrame(frameNotify, flagFin, 2, 1, small))
+	ack = p.next()
+	require.Equal(t, frameAck, ack.typ)
+	assert.Equal(t, uint64(2), ack.streamID)
+	assert.False(t, ack.abort())
+	// Another in fragments, with a stray of the aborted one amid them.
+	p.send(rawFrame(frameNotify, 0, 3, 1, small[:4]))
+	p.send(rawFrame(frameUnset, 0, 1, 1, chunk))
+	p.send(rawFrame(frameUnset, flagFin, 3, 1, small[4:]))
+	ack = p.next()
+	require.Equal(t, frameAck, ack.typ)
+	assert.Equal(t, uint64(3), ack.streamID)
+	actions, err := decodeActions(ack.payload)
+	require.NoError(t, err)
+	assert.Equal(t, []Action{ActionSetVar{Name: "reputation", Scope: VarScopeSession, Value: "0.75"}}, actions)
+	assert.Zero(t, a.Stats().ProtocolErrors)
 }

@@ -93,11 +93,13 @@ func bindThroughAgent(t *testing.T, msg ClientMessage, newTarget func() interfac
 	t.Helper()
 	simple, fast = newTarget(), newTarget()
 	var rt Router
-	rt.HandleMessage("simple", func(m Message) ([]Action, error) {
-		simpleErr = m.Bind(simple)
+	rt.Handle("simple", MessageHandler(func(ms []Message) ([]Action, error) {
+		simpleErr = ms[0].Bind(simple)
 		return nil, nil
-	})
-	rt.Handle("fast", func(w *ActionWriter, r *Request, m *MessageIterator) error {
+	}))
+	rt.HandleFunc("fast", func(w *ActionWriter, r *Request) error {
+		m := r.Messages()
+		m.Next()
 		fastErr = m.Bind(fast)
 		return nil
 	})
@@ -198,7 +200,7 @@ func TestBindBadTargets(t *testing.T) {
 	var notStruct int
 	var nilPtr *boundArgs
 	type unexported struct {
-		//lint:ignore U1000 the field Bind must refuse: unexported, never set
+		//lint:ignore U1000 Bind must refuse a tagged field it cannot set
 		a string `spoe:"a"`
 	}
 	type badOption struct {

@@ -433,6 +433,9 @@ func appendMessages(b []byte, messages []ClientMessage) ([]byte, error) {
 func decodeActions(p []byte) ([]Action, error) {
 	var actions []Action
 	for off := 0; off < len(p); {
+		if p[off] == actionNoop {
+			return actions, nil // "no actions" (HAProxy stops there too)
+		}
 		if len(p)-off < 3 {
 			return actions, errTruncated
 		}

@@ -130,11 +130,13 @@ type config struct {
 	idleTimeout  time.Duration
 	writeTimeout time.Duration
 	errorVar     string // "" for none
+	errorVarRoom int    // bytes its set-var takes in an ACK, kept free for it
 	prefixLen    int    // of VarPrefix, to check variable names
 
 	maxNotifyMessages int         // the simple API's decoding bound
 	maxNotifyArgs     int         //
 	logs              *logLimiter // the Agent's: rate of failure logs
+	keepPipelining    bool        // tests only: see agentCaps
 }
 
 func (a *Agent) config() *config {
@@ -148,10 +150,21 @@ func (a *Agent) config() *config {
 		idleTimeout:  a.IdleTimeout,
 		writeTimeout: a.writeTimeout(),
 		errorVar:     a.errorVar(),
+		errorVarRoom: errorVarRoom(a.errorVar()),
 		prefixLen:    len(a.VarPrefix),
 
 		maxNotifyMessages: a.maxNotifyMessages(),
 		maxNotifyArgs:     a.maxNotifyArgs(),
 		logs:              &a.logs,
+		keepPipelining:    a.keepPipelining,
 	}
+}
+
+// errorVarRoom returns the size of the action that sets the error variable
+// name to true: action type, NB-ARGS, scope, name, BOOL.
+func errorVarRoom(name string) int {
+	if name == "" {
+		return 0
+	}
+	return 3 + len(appendVarint(nil, uint64(len(name)))) + len(name) + 1
 }

@@ -59,11 +59,13 @@ type conn struct {
 
 	// Set by the handshake in the reading role, read-only after (handlers
 	// started after it read them).
-	maxFrame   int
-	caps       capabilities
-	engineID   string
-	handshaken bool
-	helloSent  bool
+	maxFrame        int
+	haproxyMaxFrame uint64 // HAProxy's own, announced in its HELLO (see oversized)
+	muxEngine       bool   // HAProxy 3.1+ (see agentCaps, goodbye)
+	caps            capabilities
+	engineID        string
+	handshaken      bool
+	helloSent       bool
 
 	// The reading role's.
 	frag  reassembly
@@ -121,9 +123,11 @@ func (c *conn) handshake() error {
 		return err
 	}
 	c.stats.framesIn[frameStat(f.typ)].Add(1)
-	c.maxFrame = negotiateFrameSize(h.maxFrameSize, c.cfg.maxFrameSize)
+	c.maxFrame = helloFrameSize(h, c.cfg.maxFrameSize)
 	c.rd.maxFrame = c.maxFrame
-	c.caps = h.caps&(capPipelining|capAsync) | capFragmentation
+	c.haproxyMaxFrame = h.maxFrameSize
+	c.muxEngine = muxEngine(h.caps)
+	c.caps = agentCaps(h.caps, c.cfg.keepPipelining) // HAProxy 3.1+: see agentCaps
 	if c.caps&capAsync != 0 && !c.agent.engines.admit(h.engineID) {
 		c.caps &^= capAsync // MaxEngines reached
 	}
@@ -180,7 +184,14 @@ func (c *conn) loop() error {
 // far and, with nothing unread, gives idle buffers back.
 func (c *conn) nextFrame(f *frame) error {
 	for {
-		if ok, err := c.rd.buffered(f); ok || err != nil {
+		ok, err := c.rd.buffered(f)
+		if errors.Is(err, errFrameTooBig) {
+			var skip bool
+			if skip, err = c.oversized(err); skip {
+				continue
+			}
+		}
+		if ok || err != nil {
 			return err
 		}
 		c.disarm()
@@ -249,9 +260,6 @@ func (c *conn) onNotify(f *frame) error {
 	if c.frag.pending() {
 		return errInterlaced
 	}
-	if c.frag.active {
-		c.endReassembly() // an aborted one: HAProxy sends no more of it
-	}
 	if !f.fin() {
 		if c.caps&capFragmentation == 0 {
 			return errFragmented
@@ -282,13 +290,20 @@ func (c *conn) onDisconnect(f *frame) error {
 		entry.Warn("spoe: HAProxy closed the connection on an error")
 	}
 	// HAProxy reads nothing but the AGENT-DISCONNECT from now on: with
-	// async, the ACKs gathered go to another connection of the engine.
-	if c.engine != nil {
-		c.rerouteOut()
+	// async, the ACKs gathered go to another connection of the engine,
+	// once this one takes no more frames (the AGENT-DISCONNECT closes it
+	// for writing), so that the engine cannot choose it.
+	var held []byte
+	if c.engine != nil && c.out != nil && len(c.out.b) > 0 {
+		held = append(held, c.out.b...)
+		c.out.b = c.out.b[:0]
 	} else {
 		_ = c.flush()
 	}
 	c.disconnect(d.status, d.status.String())
+	if held != nil {
+		c.reroute(held)
+	}
 	return errPeerClosed
 }
 
@@ -384,17 +399,20 @@ func (c *conn) end(err error) {
 	case endDraining:
 		// Shutdown: handle what HAProxy already sent, let the running
 		// handlers finish and their ACKs out, then say goodbye.
-		derr := c.drain()
-		if errors.Is(derr, errLostRole) {
-			return // a handler was rescued: its rescuer goes on draining
-		}
-		if derr != nil && !errors.Is(derr, errPeerClosed) {
-			c.log().WithError(derr).Debug("spoe: while draining")
+		if c.handshaken { // before it, no NOTIFY may be handled
+			derr := c.drain()
+			if errors.Is(derr, errLostRole) {
+				return // a handler was rescued: its rescuer goes on draining
+			}
+			if derr != nil && !errors.Is(derr, errPeerClosed) {
+				c.log().WithError(derr).Debug("spoe: while draining")
+			}
+			c.disarm() // inline handlers of the drain armed it again
 		}
 		_ = c.flush()
 		c.slots.waitBelow(1)
 		if c.helloSent {
-			c.disconnect(StatusNormal, StatusNormal.String())
+			c.goodbye()
 		}
 		c.linger()
 	case endQuiet:
@@ -476,8 +494,7 @@ func (c *conn) unref() {
 	c.rd.release()
 	c.idle()
 	if c.watch.timer != nil {
-		c.watch.armed.Store(false)
-		c.watch.timer.Stop()
+		c.disarm()
 	}
 	c.agent.trackConn(c, false)
 }

@@ -242,6 +242,7 @@ func TestServeReturnsAtShutdownWhenFull(t *testing.T) {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
 	served := make(chan error, 1)
+	a.keepPipelining = true // the Client offers what 3.1+ does (see startAgent)
 	go func() { served <- a.Serve(l) }()
 	p := dialRaw(t, l.Addr().String())
 	p.hello("pipelining", "e", 16380)

@@ -2,6 +2,7 @@ package spoe
 
 import (
 	"fmt"
+	"time"
 
 	"github.com/pkg/errors"
 )
@@ -146,4 +147,24 @@ func appendDisconnect(b []byte, typ frameType, s Status, message string) []byte 
 	b = appendTypedBytes(b, TypeString, message)
 	finishFrame(b, start)
 	return b
+}
+
+// shutdownGrace is how long the agent lets HAProxy 3.1+ take in the last
+// ACKs of a connection it shuts down before its AGENT-DISCONNECT follows
+// (see goodbye).
+const shutdownGrace = 100 * time.Millisecond
+
+// goodbye sends the AGENT-DISCONNECT of a shutdown, after what is queued.
+// HAProxy 3.1.0's multiplexer lets the connection error that an
+// AGENT-DISCONNECT raises override ACKs it demuxed in the same read but had
+// not handed to their streams yet (spop_conn_handle_disconnect; fixed in
+// 3.2-dev): those events then fail (256+1). So to the multiplexer the
+// AGENT-DISCONNECT goes shutdownGrace after the last ACKs, in a read of its
+// own.
+func (c *conn) goodbye() {
+	if c.muxEngine {
+		c.wr.waitIdle()
+		time.Sleep(shutdownGrace)
+	}
+	c.disconnect(StatusNormal, StatusNormal.String())
 }

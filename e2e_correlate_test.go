@@ -19,17 +19,19 @@ func TestE2ECorrelateTransaction(t *testing.T) {
 		var mu sync.Mutex
 		requests := map[string]string{} // unique-id -> path, kept by the agent between the two events
 		var router spoe.Router
-		router.HandleMessage("on-request", func(m spoe.Message) ([]spoe.Action, error) {
-			id, _ := m.String("id")
-			path, _ := m.String("path")
+		router.Handle("on-request", spoe.MessageHandler(func(ms []spoe.Message) ([]spoe.Action, error) {
+			m := ms[0]
+			id, _ := m.ArgString("id")
+			path, _ := m.ArgString("path")
 			mu.Lock()
 			requests[id] = path
 			mu.Unlock()
 			return []spoe.Action{spoe.ActionSetVar{Name: "token", Scope: spoe.VarScopeTransaction, Value: "t:" + path}}, nil
-		})
-		router.HandleMessage("on-response", func(m spoe.Message) ([]spoe.Action, error) {
-			id, _ := m.String("id")
-			token, _ := m.String("token")
+		}))
+		router.Handle("on-response", spoe.MessageHandler(func(ms []spoe.Message) ([]spoe.Action, error) {
+			m := ms[0]
+			id, _ := m.ArgString("id")
+			token, _ := m.ArgString("token")
 			mu.Lock()
 			path, ok := requests[id]
 			delete(requests, id)
@@ -38,7 +40,7 @@ func TestE2ECorrelateTransaction(t *testing.T) {
 				return nil, fmt.Errorf("response of unknown transaction %q", id)
 			}
 			return []spoe.Action{spoe.ActionSetVar{Name: "pair", Scope: spoe.VarScopeTransaction, Value: path + "|" + token}}, nil
-		})
+		}))
 		agent := startAgent(t, &spoe.Agent{Handler: &router})
 		h := startHAProxy(t, hp, haproxySetup{
 			AgentAddr:       agent.addr,

@@ -1,12 +1,16 @@
 package spoe_test
 
-// End-to-end harness: runs real HAProxy processes (2.6 and 3.2) against
-// agents served in the test process, and gives the scenarios of
-// e2e_test.go small helpers to talk to them.
+// End-to-end harness: runs real HAProxy processes (2.6, 3.0 and 3.2 by
+// default, and any listed in SPOE_HAPROXY) against agents served in the
+// test process, and gives the scenarios of e2e_test.go small helpers to
+// talk to them.
 //
 //   - forEachHAProxy runs a test for each HAProxy version, with a binary
-//     found and checked by version (HAPROXY_2_6, HAPROXY_3_2); a missing one
-//     skips the test, or fails it when CI=true.
+//     found and checked by version (HAPROXY_2_6, HAPROXY_3_0, HAPROXY_3_2);
+//     a missing one skips the test, or fails it when CI=true. Then it runs
+//     the test on each binary SPOE_HAPROXY lists (paths separated by
+//     spaces, e.g. builds made by .ci/build-haproxy), named after the
+//     version its -v prints; a listed binary that does not run fails.
 //   - startHAProxy writes haproxy.cfg and spoe.conf into a temporary folder,
 //     checks them with "haproxy -c", runs HAProxy in the foreground and
 //     stops it when the test ends, printing its output if the test failed.
@@ -76,9 +80,14 @@ type haproxyBinary struct {
 	version      string // as "-v" prints it, e.g. 2.6.12-1+deb12u4
 }
 
-// is26 reports whether this is the 2.6 engine (applets, flt_spoe.c);
-// otherwise it is the 3.1+ multiplexer (mux_spop.c).
-func (b haproxyBinary) is26() bool { return b.major == 2 }
+// is26 reports whether this is the applet engine of 2.6 to 3.0
+// (flt_spoe.c alone); otherwise it is the 3.1+ multiplexer (mux_spop.c).
+func (b haproxyBinary) is26() bool { return b.major < 3 || (b.major == 3 && b.minor == 0) }
+
+// atLeast reports whether the version is major.minor or later.
+func (b haproxyBinary) atLeast(major, minor int) bool {
+	return b.major > major || (b.major == major && b.minor >= minor)
+}
 
 // spoeBackendMode is the mode of the backend of SPOE agents: 2.6 only knows
 // "tcp"; 3.x has "spop" (and converts "tcp" to it silently).
@@ -108,6 +117,13 @@ var haproxyVersions = []haproxyWanted{
 		defaultPath: func() string { return "haproxy" },
 	},
 	{
+		name:        "3.0",
+		env:         "HAPROXY_3_0",
+		install:     "run .ci/fetch-haproxy trixie .ci/haproxy-3.0 from the module root, or set HAPROXY_3_0 to a 3.0 binary",
+		accepts:     func(major, minor int) bool { return major == 3 && minor == 0 },
+		defaultPath: func() string { return filepath.Join(moduleRoot(), ".ci", "haproxy-3.0", "haproxy") },
+	},
+	{
 		name:        "3.2",
 		env:         "HAPROXY_3_2",
 		install:     "run .ci/fetch-haproxy-3.2 from the module root, or set HAPROXY_3_2 to a 3.2+ binary",
@@ -116,7 +132,9 @@ var haproxyVersions = []haproxyWanted{
 	},
 }
 
-var haproxyVersionLine = regexp.MustCompile(`HAProxy version (\d+)\.(\d+)\.(\S+)`)
+// haproxyVersionLine matches "HAProxy version 2.6.12-1+deb12u4 ..." and
+// development versions such as "HAProxy version 3.5-dev5-2-g50872daa6 ...".
+var haproxyVersionLine = regexp.MustCompile(`HAProxy version (\d+)\.(\d+)([.-]\S+)?`)
 
 // lookups caches the result of checking each wanted version, so that "-v"
 // runs once per test binary.
@@ -137,7 +155,10 @@ func lookupHAProxy(w haproxyWanted) haproxyLookup {
 }
 
 func checkHAProxy(w haproxyWanted) haproxyLookup {
-	path := os.Getenv(w.env)
+	path := ""
+	if w.env != "" {
+		path = os.Getenv(w.env)
+	}
 	if path == "" {
 		path = w.defaultPath()
 	}
@@ -162,7 +183,7 @@ func checkHAProxy(w haproxyWanted) haproxyLookup {
 	}
 	major, _ := strconv.Atoi(string(m[1]))
 	minor, _ := strconv.Atoi(string(m[2]))
-	version := fmt.Sprintf("%d.%d.%s", major, minor, m[3])
+	version := fmt.Sprintf("%d.%d%s", major, minor, m[3])
 	if !w.accepts(major, minor) {
 		return haproxyLookup{problem: fmt.Sprintf("HAProxy %s: %s is version %s", w.name, path, version)}
 	}
@@ -187,7 +208,8 @@ func requireHAProxy(t *testing.T, w haproxyWanted) haproxyBinary {
 }
 
 // forEachHAProxy runs fn as a subtest for each HAProxy version, named after
-// it ("2.6", "3.2").
+// it ("2.6", "3.0", "3.2"), then for each binary SPOE_HAPROXY lists, named
+// after the version it prints ("3.1.0", "3.5-dev5-2-g50872daa6").
 func forEachHAProxy(t *testing.T, fn func(t *testing.T, hp haproxyBinary)) {
 	for _, w := range haproxyVersions {
 		w := w
@@ -195,6 +217,35 @@ func forEachHAProxy(t *testing.T, fn func(t *testing.T, hp haproxyBinary)) {
 			fn(t, requireHAProxy(t, w))
 		})
 	}
+	for _, path := range extraHAProxyPaths() {
+		l := lookupExtraHAProxy(path)
+		name := l.bin.version
+		if l.problem != "" {
+			name = filepath.Base(filepath.Dir(path))
+		}
+		t.Run(name, func(t *testing.T) {
+			if l.problem != "" {
+				t.Fatalf("SPOE_HAPROXY: %s", l.problem)
+			}
+			fn(t, l.bin)
+		})
+	}
+}
+
+// extraHAProxyPaths returns the binaries SPOE_HAPROXY lists.
+func extraHAProxyPaths() []string { return strings.Fields(os.Getenv("SPOE_HAPROXY")) }
+
+// lookupExtraHAProxy checks a binary SPOE_HAPROXY lists: any version from
+// 2.6 on, named after its version.
+func lookupExtraHAProxy(path string) haproxyLookup {
+	w := haproxyWanted{
+		name:        "SPOE_HAPROXY=" + path,
+		accepts:     func(major, minor int) bool { return major > 2 || (major == 2 && minor >= 6) },
+		defaultPath: func() string { return path },
+	}
+	l := lookupHAProxy(w)
+	l.bin.name = l.bin.version
+	return l
 }
 
 var (
@@ -552,6 +603,8 @@ type haproxySetup struct {
 	ServerOptions string
 	// Extra is appended to haproxy.cfg (more backends...).
 	Extra string
+	// Global holds extra lines of the global section (tune.bufsize...).
+	Global string
 }
 
 // haproxyInstance is a running HAProxy.
@@ -583,6 +636,7 @@ const haproxyConfTemplate = `global
     nbthread 1
     stats socket %[1]s mode 600 level admin
     log stderr format raw local0 info
+%[11]s
 
 defaults
     mode http
@@ -620,7 +674,7 @@ func writeHAProxyConfig(t testing.TB, hp haproxyBinary, dir string, s haproxySet
 	port := freePort(t)
 	writeFile(t, spoeConf, fmt.Sprintf(spoeConfTemplate, indent(s.AgentDirectives), s.SpoeSections))
 	cfg := fmt.Sprintf(haproxyConfTemplate, statsSock, port, spoeConf, indent(s.Frontend), appAddr,
-		hp.spoeBackendMode(), indent(s.AgentBackend), s.AgentAddr, s.ServerOptions, s.Extra)
+		hp.spoeBackendMode(), indent(s.AgentBackend), s.AgentAddr, s.ServerOptions, s.Extra, indent(s.Global))
 	cfgPath := filepath.Join(dir, "haproxy.cfg")
 	writeFile(t, cfgPath, cfg)
 	return cfgPath, port, statsSock
@@ -729,8 +783,15 @@ func startHAProxy(t testing.TB, hp haproxyBinary, s haproxySetup) *haproxyInstan
 			return false
 		}
 		c.Close()
+		// The stats socket may come a moment after the frontend (seen
+		// on 2.8): the tests' serverStat needs it.
+		c, err = net.DialTimeout("unix", statsSock, time.Second)
+		if err != nil {
+			return false
+		}
+		c.Close()
 		return true
-	}, "HAProxy's frontend to accept connections on "+addr)
+	}, "HAProxy's frontend to accept connections on "+addr+" and its stats socket")
 	return h
 }
 

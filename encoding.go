@@ -220,8 +220,9 @@ func (v Value) Bytes() ([]byte, bool) {
 	return v.data, v.typ == TypeString || v.typ == TypeBinary
 }
 
-// Equal reports whether the value is a STRING or BINARY holding exactly s.
-func (v Value) Equal(s string) bool {
+// EqualString reports whether the value is a STRING or BINARY holding
+// exactly s, without allocating.
+func (v Value) EqualString(s string) bool {
 	return (v.typ == TypeString || v.typ == TypeBinary) && string(v.data) == s
 }
 

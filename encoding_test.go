@@ -204,8 +204,8 @@ func TestValueAccessors(t *testing.T) {
 	s, ok := val("08 02 68 69").Bytes()
 	assert.True(t, ok)
 	assert.Equal(t, []byte("hi"), s)
-	assert.True(t, val("08 02 68 69").Equal("hi"))
-	assert.False(t, val("08 02 68 69").Equal("ho"))
+	assert.True(t, val("08 02 68 69").EqualString("hi"))
+	assert.False(t, val("08 02 68 69").EqualString("ho"))
 	b, ok := val("11").Bool()
 	assert.True(t, ok && b)
 	// HAProxy reads true only from a flag nibble of exactly 1.
@@ -319,7 +319,7 @@ func TestKVList(t *testing.T) {
 	e, off, err = readKV(b, off)
 	require.NoError(t, err)
 	assert.Equal(t, len(b), off)
-	assert.True(t, e.value.Equal("x"))
+	assert.True(t, e.value.EqualString("x"))
 	_, _, err = readKV(b[:len(b)-1], 0+len(b)-len("message")-4)
 	assert.Error(t, err)
 }

@@ -54,10 +54,12 @@ func ExampleMessage_Bind() {
 // the frame and copies what it stores.
 func ExampleMessageIterator_Bind() {
 	var router spoe.Router
-	router.Handle("ip-rep", func(w *spoe.ActionWriter, r *spoe.Request, m *spoe.MessageIterator) error {
+	router.HandleFunc("ip-rep", func(w *spoe.ActionWriter, r *spoe.Request) error {
 		var args struct {
 			IP netip.Addr `spoe:"ip"`
 		}
+		m := r.Messages() // a route's Request holds its message only
+		m.Next()
 		if err := m.Bind(&args); err != nil {
 			return err
 		}

@@ -20,7 +20,7 @@ func ExampleNew() {
 			if msg.Name != "ip-rep" {
 				continue
 			}
-			ip, ok := msg.IP("ip")
+			ip, ok := msg.ArgIP("ip")
 			if !ok {
 				return nil, fmt.Errorf("expected ip in message")
 			}
@@ -113,7 +113,7 @@ func ExampleHandlerFunc() {
 			if !msgs.NameIs("check-request") {
 				continue
 			}
-			if path, ok := msgs.Arg("path"); ok && path.Equal("/admin") {
+			if path, ok := msgs.Arg("path"); ok && path.EqualString("/admin") {
 				if err := w.SetBool(spoe.VarScopeTransaction, "blocked", true); err != nil {
 					return err
 				}
@@ -150,7 +150,7 @@ func ExampleHandlerFunc() {
 // SPOP to the agent.
 func ExampleClient() {
 	agent := spoe.New(func(messages []spoe.Message) ([]spoe.Action, error) {
-		ip, _ := messages[0].IP("ip")
+		ip, _ := messages[0].ArgIP("ip")
 		if ip.Equal(net.IPv4(203, 0, 113, 9)) {
 			return nil, fmt.Errorf("reputation service unreachable")
 		}
@@ -174,17 +174,25 @@ func ExampleClient() {
 	// 203.0.113.9 [{failed txn true}]
 }
 
-// A Router sends each message to the function registered for its name, on
-// either path. Messages without a route are skipped.
+// A Router sends each message to the Handler registered for its name, on
+// either API; the route's Request holds that message only. Messages without
+// a route are skipped.
 func ExampleRouter() {
 	var router spoe.Router
-	router.HandleMessage("ip-rep", func(m spoe.Message) ([]spoe.Action, error) {
+	// The simple API: messages holds the routed message only.
+	router.Handle("ip-rep", spoe.MessageHandler(func(messages []spoe.Message) ([]spoe.Action, error) {
 		return []spoe.Action{spoe.ActionSetVar{Name: "score", Scope: spoe.VarScopeSession, Value: 50}}, nil
-	})
-	router.Handle("bot-check", func(w *spoe.ActionWriter, r *spoe.Request, m *spoe.MessageIterator) error {
-		ua, _ := m.Arg("ua")
-		b, _ := ua.Bytes()
-		return w.SetBool(spoe.VarScopeTransaction, "bot", len(b) == 0)
+	}))
+	// The zero-copy path: r.Messages() yields the routed message only.
+	router.HandleFunc("bot-check", func(w *spoe.ActionWriter, r *spoe.Request) error {
+		for m := r.Messages(); m.Next(); {
+			ua, _ := m.Arg("ua")
+			b, _ := ua.Bytes()
+			if err := w.SetBool(spoe.VarScopeTransaction, "bot", len(b) == 0); err != nil {
+				return err
+			}
+		}
+		return nil
 	})
 	client, stop := serve(&spoe.Agent{Handler: &router})
 	defer stop()

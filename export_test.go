@@ -54,3 +54,9 @@ func testConn(a *Agent, nc net.Conn) *conn {
 	a.init()
 	return newConn(a, a.config(), nc)
 }
+
+// KeepPipelining makes a answer "pipelining" to HAProxy 3.1+ too, which
+// the library does not by default (see agentCaps): the end-to-end
+// reproducer of HAProxy's stall, and unit tests whose Client looks like
+// 3.1+, use it.
+func KeepPipelining(a *Agent) { a.keepPipelining = true }

@@ -400,7 +400,7 @@ func FuzzTypedValue(f *testing.F) {
 			data, ok := v.Bytes()
 			check(t, ok, "accessor of its own type")
 			checkBytes(t, data, b[end-len(data):end], "bytes")
-			check(t, v.Equal(string(data)), "v.Equal(string(data))")
+			check(t, v.EqualString(string(data)), "v.EqualString(string(data))")
 		default: // integers
 			switch v.typ {
 			case TypeUint32:
@@ -650,7 +650,7 @@ func FuzzHello(f *testing.F) {
 			kvs, err := readKVList(fr.payload)
 			require.NoError(t, err)
 			require.Len(t, kvs, 3)
-			require.True(t, kvs[0].value.Equal("2.0"))
+			require.True(t, kvs[0].value.EqualString("2.0"))
 			n, _ := kvs[1].value.Uint()
 			require.Equal(t, uint64(size), n)
 			s, _ := stringValue(kvs[2].value)
@@ -1144,9 +1144,11 @@ var fillerFrames = maxReassembled/fillerChunk + 1
 
 // fragModel is what the agent must do with a program, from SPOP.md §7.
 type fragModel struct {
-	active, dropping bool
-	sid, fid         uint64
-	buf              []byte
+	active     bool
+	sid, fid   uint64
+	buf        []byte
+	aborted    bool   // a NOTIFY was answered with an aborting ACK:
+	asid, afid uint64 // its later fragments are ignored
 
 	payloads [][]byte // handler calls, in order
 	acks     []ackKey // ACKs, in order
@@ -1177,15 +1179,14 @@ func (m *fragModel) handle(sid, fid uint64, p []byte) {
 }
 
 // add joins data to the NOTIFY; past maxReassembled it is answered with an
-// aborting ACK and the rest of it ignored.
+// aborting ACK and its transfer ends (HAProxy 2.6 sends no ABORT after
+// it); its later fragments are ignored, even amid another NOTIFY.
 func (m *fragModel) add(data []byte) {
-	if m.dropping {
-		return
-	}
 	m.buf = append(m.buf, data...)
 	if len(m.buf) > maxReassembled {
 		m.acks = append(m.acks, ackKey{m.sid, m.fid, true})
-		m.dropping, m.buf = true, nil
+		m.active, m.buf = false, nil
+		m.aborted, m.asid, m.afid = true, m.sid, m.fid
 	}
 }
 
@@ -1203,23 +1204,23 @@ func (m *fragModel) frame(typ frameType, flags uint32, sid, fid uint64, data []b
 		case fin:
 			m.handle(sid, fid, data)
 		default:
-			m.active, m.dropping, m.sid, m.fid, m.buf = true, false, sid, fid, nil
+			m.active, m.sid, m.fid, m.buf = true, sid, fid, nil
 			m.add(data)
 		}
 	case frameUnset:
+		matches := m.active && sid == m.sid && fid == m.fid
 		switch {
+		case !matches && m.aborted && sid == m.asid && fid == m.afid: // of the aborted one: ignored
 		case !m.active: // nothing to continue: ignored
-		case sid != m.sid || fid != m.fid:
+		case !matches:
 			m.fail(StatusInterlacedFrames)
 		case abort:
 			m.active = false
 		default:
 			m.add(data)
-			if fin {
+			if fin && m.active {
 				m.active = false
-				if !m.dropping {
-					m.handle(m.sid, m.fid, m.buf)
-				}
+				m.handle(m.sid, m.fid, m.buf)
 			}
 		}
 	}
@@ -1383,7 +1384,11 @@ func FuzzReassembly(f *testing.F) {
 		for _, fr := range frames[1 : len(frames)-1] {
 			require.Equal(t, frameAck, fr.typ)
 			require.True(t, fr.fin())
-			require.Empty(t, fr.payload, "the handler writes no action; an aborting ACK carries none")
+			if fr.abort() {
+				require.Empty(t, fr.payload, "an aborting ACK carries no action")
+			} else {
+				require.Equal(t, []byte{actionNoop}, fr.payload, "the handler writes no action: one NOOP byte")
+			}
 			acks = append(acks, ackKey{fr.streamID, fr.frameID, fr.abort()})
 		}
 		require.Empty(t, missingACKs(acks, m.acks), "ACKs for no NOTIFY (want %v)", m.acks)

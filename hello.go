@@ -150,14 +150,17 @@ func stringValue(v Value) ([]byte, bool) {
 	return v.data, v.typ == TypeString
 }
 
-// supportsVersion20 reports whether a comma-separated version list holds
-// 2.0. Spaces are ignored and the minor version may have extra zeros
-// ("2.00"), as HAProxy's own parser allows.
+// supportsVersion20 reports whether a comma-separated version list implies
+// 2.0: it holds 2.<minor>, as a version implies the earlier minors of its
+// major (doc/SPOE.txt, "supported-versions": "When a major version is
+// announced by HAProxy, it means it also support all previous minor
+// versions"), so "2.0,2.1" and "2.1" do. Spaces are ignored and the minor
+// may have extra zeros ("2.00"), as HAProxy's own parser allows.
 func supportsVersion20(list []byte) bool {
 	for _, item := range strings.Split(string(list), ",") {
 		item = strings.TrimSpace(item)
 		major, minor, ok := strings.Cut(item, ".")
-		if !ok || major != "2" || minor == "" || strings.Trim(minor, "0") != "" {
+		if !ok || major != "2" || minor == "" || strings.Trim(minor, "0123456789") != "" {
 			continue
 		}
 		return true
@@ -176,6 +179,55 @@ func negotiateFrameSize(haproxy uint64, agentLimit int) int {
 		n = MinFrameSize
 	}
 	return int(n)
+}
+
+// agentCaps returns the capabilities the agent answers to a HAProxy that
+// offered offered: "pipelining" and "async" when offered, "fragmentation"
+// always; but not "pipelining" when HAProxy offered it without "async",
+// as only the 3.1+ multiplexer does (2.6 to 3.0 offer both by default),
+// unless keepPipelining.
+//
+// HAProxy 3.1+ stalls a connection for good when one read fills its demux
+// buffer (mux_spop.c: spop_recv sets SPOP_CF_DEM_DFULL when a read takes
+// all the room of the buffer, tune.bufsize bytes; SPOP_CF_DEM_BLOCK_ANY
+// includes it, so spop_process never demuxes again, and only a demux
+// clears it). With pipelining, up to 20 streams share a connection
+// (spop_init: streams_limit = 20), and their ACKs can pile up unread in
+// HAProxy's socket whatever the agent does: it cannot see HAProxy's reads.
+// Without it, spop_conn_handle_hello sets streams_limit = 1: HAProxy sends
+// the next NOTIFY only once the stream of the previous one is done, that
+// is once its ACK was demuxed, so at most one ACK is ever unread, and an
+// ACK is kept one byte under max-frame-size (ActionWriter.reset), itself
+// at most tune.bufsize - 4: no read can fill the buffer. HAProxy opens
+// more connections instead (as many as concurrent streams, within the
+// server's maxconn, which counts streams anyway).
+func agentCaps(offered capabilities, keepPipelining bool) capabilities {
+	caps := offered&(capPipelining|capAsync) | capFragmentation
+	if muxEngine(offered) && !keepPipelining {
+		caps &^= capPipelining
+	}
+	return caps
+}
+
+// muxEngine reports whether a HAProxy that offered offered runs the 3.1+
+// multiplexer (mux_spop.c): it offers "pipelining" but never "async",
+// which 2.6 to 3.0 offer by default.
+func muxEngine(offered capabilities) bool {
+	return offered&capPipelining != 0 && offered&capAsync == 0
+}
+
+// helloFrameSize returns the max-frame-size the agent answers to h: the
+// negotiated one (negotiateFrameSize), but the protocol's minimum to a
+// health check. HAProxy 3.x's check (tcpcheck.c, tcpcheck_spop_expect_
+// agenthello) announces 16380 whatever tune.bufsize is and fails an answer
+// above tune.bufsize - 4, so that with "tune.bufsize 8192" the negotiated
+// answer would put a working agent DOWN; 256 (SPOP_MIN_FRAME_SIZE) is
+// accepted by every version, and a health check sends no other frame.
+func helloFrameSize(h haproxyHello, agentLimit int) int {
+	if h.healthcheck {
+		return MinFrameSize
+	}
+	return negotiateFrameSize(h.maxFrameSize, agentLimit)
 }
 
 // appendHello appends a whole HELLO frame of type typ: the agent's

@@ -56,7 +56,7 @@ func TestParseHelloErrors(t *testing.T) {
 		{"version 1.0", helloPayload("supported-versions", "1.0", "max-frame-size", uint32(16380)), StatusUnsupportedVersion},
 		{"version 3.0", helloPayload("supported-versions", "3.0", "max-frame-size", uint32(16380)), StatusUnsupportedVersion},
 		{"version abc", helloPayload("supported-versions", "abc", "max-frame-size", uint32(16380)), StatusUnsupportedVersion},
-		{"version 2.1", helloPayload("supported-versions", "2.1", "max-frame-size", uint32(16380)), StatusUnsupportedVersion},
+		{"version 2.x", helloPayload("supported-versions", "2.x", "max-frame-size", uint32(16380)), StatusUnsupportedVersion},
 		{"version not a string", helloPayload("supported-versions", int64(2), "max-frame-size", uint32(16380)), StatusInvalidFrame},
 		{"no max-frame-size", helloPayload("supported-versions", "2.0"), StatusNoFrameSize},
 		{"max-frame-size 255", helloPayload("supported-versions", "2.0", "max-frame-size", uint32(255)), StatusBadFrameSize},
@@ -164,8 +164,34 @@ func TestAgentHelloGolden(t *testing.T) {
 func TestSupportsVersion20(t *testing.T) {
 	for s, want := range map[string]bool{
 		"2.0": true, " 2.0 ": true, "2.00": true, "1.0,2.0": true,
-		"2": false, "2.": false, "2.0.1": false, "2.1": false, "20": false, "": false, "abc": false,
+		// A later minor implies the earlier ones, 2.0 among them.
+		"2.0,2.1": true, "2.1": true, " 2.1 , 3.0": true, "2.10": true,
+		"2": false, "2.": false, "2.0.1": false, "2.x": false, "2.1a": false, "20": false, "": false, "abc": false,
+		"1.0,3.0": false, "3.0": false,
 	} {
 		assert.Equal(t, want, supportsVersion20([]byte(s)), "%q", s)
+	}
+}
+
+// TestNoPipeliningToHAProxy3: HAProxy 3.1+ offers "pipelining" without
+// "async"; the agent answers without "pipelining" (HAProxy then runs one
+// stream per connection, which keeps it out of its demux-buffer stall),
+// and keeps what 2.6 to 3.0 offer (both).
+func TestNoPipeliningToHAProxy3(t *testing.T) {
+	for _, tt := range []struct {
+		offered, want string
+		keep          bool
+	}{
+		{"pipelining", "fragmentation", false},
+		{"pipelining", "pipelining,fragmentation", true},
+		{"pipelining,async", "pipelining,async,fragmentation", false},
+		{"async", "async,fragmentation", false},
+		{"", "fragmentation", false},
+	} {
+		addr := startAgentAsIs(t, &Agent{keepPipelining: tt.keep})
+		h := dialRaw(t, addr).hello(tt.offered, "e1", 16380)
+		if !h["capabilities"].EqualString(tt.want) {
+			t.Errorf("HAProxy offers %q (keep %v): agent answers %v, want %q", tt.offered, tt.keep, h["capabilities"], tt.want)
+		}
 	}
 }

@@ -26,6 +26,9 @@ func (rd *frameReader) socketQueue(req uintptr) int {
 
 // socketQueueOK is socketQueue, -1 when it cannot be known.
 func (rd *frameReader) socketQueueOK(req uintptr) int {
+	if rd.rc == nil { // not a socket of its own (TLS, a pipe)
+		return -1
+	}
 	n := -1
 	_ = rd.rc.Control(func(fd uintptr) {
 		var v int32

@@ -3,12 +3,9 @@ package spoe
 import (
 	"context"
 	"fmt"
-	"math"
-	"net"
 	"runtime/debug"
 
 	"github.com/pkg/errors"
-	"github.com/sirupsen/logrus"
 )
 
 // A Handler answers the NOTIFY frames HAProxy sends: it reads the messages
@@ -39,90 +36,6 @@ type HandlerFunc func(w *ActionWriter, r *Request) error
 // ServeSPOE calls f(w, r).
 func (f HandlerFunc) ServeSPOE(w *ActionWriter, r *Request) error { return f(w, r) }
 
-// Message is one SPOE message of a NOTIFY frame, in the simple API: its name
-// (the spoe-message section's) and its arguments by name, decoded to Go
-// values that the handler may keep:
-//
-//	NULL    nil          INT32   int32        IPV4    net.IP (4 bytes)
-//	BOOL    bool         UINT32  uint32       IPV6    net.IP (16 bytes)
-//	STRING  string       INT64   int64        BINARY  []byte
-//	                     UINT64  uint64
-//
-// HAProxy sends every integer sample as INT64. An unnamed argument ("args
-// src" in spoe.conf) is under the key ""; when several arguments share a
-// name, the first one is kept. Request's iterators see them all, in order.
-type Message struct {
-	Name string
-	Args map[string]interface{}
-}
-
-// IP returns the argument name if it is an address (IPV4 or IPV6).
-func (m Message) IP(name string) (net.IP, bool) {
-	ip, ok := m.Args[name].(net.IP)
-	return ip, ok
-}
-
-// String returns the argument name if it is a STRING.
-func (m Message) String(name string) (string, bool) {
-	s, ok := m.Args[name].(string)
-	return s, ok
-}
-
-// Bytes returns the argument name if it is a BINARY (req.body,
-// req.hdrs_bin...).
-func (m Message) Bytes(name string) ([]byte, bool) {
-	b, ok := m.Args[name].([]byte)
-	return b, ok
-}
-
-// Int returns the argument name if it is an integer of any of the four
-// SPOP types that fits an int64 (HAProxy sends integers as INT64).
-func (m Message) Int(name string) (int64, bool) {
-	switch v := m.Args[name].(type) {
-	case int64:
-		return v, true
-	case int32:
-		return int64(v), true
-	case uint32:
-		return int64(v), true
-	case uint64:
-		return int64(v), v <= math.MaxInt64
-	}
-	return 0, false
-}
-
-// Bool returns the argument name if it is a BOOL.
-func (m Message) Bool(name string) (value, ok bool) {
-	value, ok = m.Args[name].(bool)
-	return value, ok
-}
-
-// MessageHandler is the simple API: it receives every message of a NOTIFY
-// frame and returns the actions to send back. It is a Handler.
-type MessageHandler func(messages []Message) ([]Action, error)
-
-// ServeSPOE decodes r's messages, calls h and writes its actions to w.
-// An action the writer refuses is logged and counted by the agent; the
-// others are still sent. A NOTIFY with more messages or arguments than the
-// agent's MaxNotifyMessages and MaxNotifyArgs is not decoded: h is not
-// called, and the agent answers with its error variable.
-func (h MessageHandler) ServeSPOE(w *ActionWriter, r *Request) error {
-	if err := r.checkDecodeCost(); err != nil {
-		return err
-	}
-	actions, err := h(r.decodeMessages())
-	if err != nil {
-		return err
-	}
-	for _, a := range actions {
-		if a == nil {
-			continue
-		}
-		_ = a.writeTo(w) // refusals are recorded in w and reported by the agent
-	}
-	return nil
-}
-
 // Request is one NOTIFY frame being handled. The frame is checked whole
 // before the handler is called, so that reading it lazily cannot fail, and
 // the places of its first 16 messages are noted: iterating over them does
@@ -132,7 +45,7 @@ func (h MessageHandler) ServeSPOE(w *ActionWriter, r *Request) error {
 type Request struct {
 	cfg      *config // set by serveNotify: the simple API's limits
 	parent   context.Context
-	ctx      context.Context
+	ctx      *requestContext
 	cancel   context.CancelFunc
 	engineID string
 	streamID uint64
@@ -141,8 +54,11 @@ type Request struct {
 	nmsgs    int
 	index    [indexedMessages]msgIndex // where the first messages are
 	sealed   bool
-	names    map[string]string // interned names for the simple API
-	routed   MessageIterator   // the message a Router route is given
+	names    *internTable // interned names for the simple API
+	outer    *Request     // for a Router's routed Request: the whole NOTIFY's
+	sub      *Request     // the Request a Router hands its routes, reused
+	mstats   [statMessages]*messageStats
+	routing  []byte // the name of the message a Router is handling, if any
 }
 
 // indexedMessages is how many messages a Request locates up front; later
@@ -157,16 +73,42 @@ type msgIndex struct {
 }
 
 func (r *Request) check() {
-	if r.sealed {
-		panic("spoe: Request used after its handler returned")
+	for q := r; q != nil; q = q.outer { // a routed Request is sealed with its NOTIFY's
+		if q.sealed {
+			panic("spoe: Request used after its handler returned")
+		}
 	}
+}
+
+// root returns the Request of the whole NOTIFY.
+func (r *Request) root() *Request {
+	for r.outer != nil {
+		r = r.outer
+	}
+	return r
+}
+
+// routed returns the Request of one message of r, the one it is on, for a
+// Router's route: it shares r's context and ids.
+func (r *Request) routed(it *MessageIterator) *Request {
+	s := r.sub
+	if s == nil {
+		s = new(Request)
+		r.sub = s
+	}
+	*s = Request{
+		parent: r.parent, engineID: r.engineID, streamID: r.streamID, frameID: r.frameID,
+		payload: r.payload, nmsgs: 1, outer: r, sub: s.sub, cfg: r.cfg,
+	}
+	s.index[0] = it.cur
+	return s
 }
 
 // indexMessages checks a NOTIFY's LIST-OF-MESSAGES whole, counts its
 // messages and notes where the first ones are.
 func (r *Request) indexMessages(payload []byte) error {
 	r.payload, r.nmsgs = payload, 0
-	if len(payload) > 1<<32-1 {
+	if uint64(len(payload)) > 1<<32-1 {
 		return errTruncated // no frame is this big; offsets are uint32
 	}
 	for off := 0; off < len(payload); {
@@ -215,18 +157,63 @@ func skipName(b []byte, off int) (int, error) {
 	return off, err
 }
 
-// Context returns the request's context. It is cancelled when the handler
-// returns, when the agent is closed, and when the ACK can no longer leave:
-// without the async capability, when the frame's connection closes; with
-// it, when its HAProxy engine goes away, 10 seconds after the engine's last
-// connection closed with none joining meanwhile (or at once when Shutdown
-// has closed every connection).
+// Context returns the request's context. It carries the request's ids
+// (RequestInfoFromContext) and is cancelled:
+//
+//   - when the handler returns;
+//   - when the agent is closed (Close, or Run when its shutdown timeout
+//     expires); Shutdown lets running handlers finish with it live;
+//   - when the ACK can no longer leave: without the async capability, when
+//     the frame's connection closes (HAProxy gave up or went away); with
+//     it, when its HAProxy engine goes away: 10 seconds after the engine's
+//     last connection closed with none joining meanwhile, or at once when
+//     Shutdown has closed every connection.
+//
+// A Router's route gets the context of the whole NOTIFY.
 func (r *Request) Context() context.Context {
 	r.check()
+	if r.outer != nil {
+		return r.outer.Context()
+	}
 	if r.ctx == nil {
-		r.ctx, r.cancel = context.WithCancel(r.parent)
+		c := &requestContext{info: RequestInfo{EngineID: r.engineID, StreamID: r.streamID, FrameID: r.frameID}}
+		c.Context, r.cancel = context.WithCancel(r.parent)
+		r.ctx = c
 	}
 	return r.ctx
+}
+
+// RequestInfo identifies a NOTIFY frame, for logs.
+type RequestInfo struct {
+	EngineID string // the engine-id of HAProxy's HELLO (see Request.EngineID)
+	StreamID uint64
+	FrameID  uint64
+}
+
+// RequestInfoFromContext returns the ids of the NOTIFY whose handler
+// received ctx (Request.Context, a ContextMessageHandler's ctx, or a
+// context derived from them).
+func RequestInfoFromContext(ctx context.Context) (RequestInfo, bool) {
+	c, ok := ctx.Value(requestInfoKey{}).(*requestContext)
+	if !ok {
+		return RequestInfo{}, false
+	}
+	return c.info, true
+}
+
+type requestInfoKey struct{}
+
+// requestContext is a Request's context: a cancelable one with the ids.
+type requestContext struct {
+	context.Context
+	info RequestInfo
+}
+
+func (c *requestContext) Value(key interface{}) interface{} {
+	if key == (requestInfoKey{}) {
+		return c
+	}
+	return c.Context.Value(key)
 }
 
 // EngineID returns the engine-id HAProxy sent in its HELLO: one per HAProxy
@@ -259,81 +246,6 @@ func (r *Request) Message(name string) (MessageIterator, bool) {
 		}
 	}
 	return MessageIterator{}, false
-}
-
-// decodeLimitError is a NOTIFY the simple API does not decode: it has more
-// messages, or arguments in all, than the agent allows.
-type decodeLimitError struct {
-	what         string // "messages" or "arguments"
-	count, limit int
-}
-
-func (e *decodeLimitError) Error() string {
-	return fmt.Sprintf("spoe: NOTIFY of %d %s or more, above the simple API's %d: not decoded", e.count, e.what, e.limit)
-}
-
-// checkDecodeCost bounds what decoding r for the simple API may cost: its
-// messages and arguments are counted, without decoding, against the
-// agent's limits.
-func (r *Request) checkDecodeCost() error {
-	r.check()
-	maxMsgs, maxArgs := DefaultMaxNotifyMessages, DefaultMaxNotifyArgs
-	if r.cfg != nil { // nil for a Request not served by an Agent
-		maxMsgs, maxArgs = r.cfg.maxNotifyMessages, r.cfg.maxNotifyArgs
-	}
-	if r.nmsgs > maxMsgs {
-		return &decodeLimitError{"messages", r.nmsgs, maxMsgs}
-	}
-	limit, args := maxArgs, 0
-	for it := r.Messages(); it.Next(); {
-		if args += it.NumArgs(); args > limit {
-			return &decodeLimitError{"arguments", args, limit}
-		}
-	}
-	return nil
-}
-
-// decodeMessages builds the simple API's messages, with copied values.
-func (r *Request) decodeMessages() []Message {
-	r.check()
-	msgs := make([]Message, 0, r.nmsgs)
-	for it := r.Messages(); it.Next(); {
-		msgs = append(msgs, r.decodeMessage(&it))
-	}
-	return msgs
-}
-
-// decodeMessage builds the simple API's message it is positioned on.
-func (r *Request) decodeMessage(it *MessageIterator) Message {
-	m := Message{Name: r.intern(it.name()), Args: make(map[string]interface{}, it.NumArgs())}
-	for args := it.Args(); args.Next(); {
-		if _, dup := m.Args[string(args.name)]; !dup {
-			m.Args[r.intern(args.name)] = args.value.Interface()
-		}
-	}
-	return m
-}
-
-// Interning bounds: names repeat on every request, so the simple API keeps
-// the short ones it has seen rather than allocate them again.
-const (
-	maxInterned    = 256
-	maxInternedLen = 64
-)
-
-// intern returns b as a string, from the names seen before when it can.
-func (r *Request) intern(b []byte) string {
-	if s, ok := r.names[string(b)]; ok {
-		return s
-	}
-	s := string(b)
-	if len(b) <= maxInternedLen && len(r.names) < maxInterned {
-		if r.names == nil {
-			r.names = make(map[string]string)
-		}
-		r.names[s] = s
-	}
-	return s
 }
 
 // MessageIterator walks the messages of a NOTIFY frame:
@@ -485,10 +397,14 @@ func callHandler(h Handler, w *ActionWriter, r *Request) (err error) {
 
 // serveNotify handles one whole NOTIFY: it calls the handler and completes
 // w's ACK. A handler error or panic replaces the actions with the error
-// variable, so that HAProxy's rules see the failure at once.
+// variable, so that HAProxy's rules see the failure at once; an action left
+// out of the ACK adds the error variable to the others.
 func serveNotify(cfg *config, st *stats, w *ActionWriter, r *Request) {
 	r.cfg = cfg
+	st.messages.count(r)
+	w.limit -= cfg.errorVarRoom // so that the error variable always fits
 	err := callHandler(cfg.handler, w, r)
+	w.limit += cfg.errorVarRoom
 	if r.cancel != nil {
 		r.cancel()
 		r.ctx, r.cancel = nil, nil
@@ -498,6 +414,8 @@ func serveNotify(cfg *config, st *stats, w *ActionWriter, r *Request) {
 		w.err, w.refused = nil, 0
 		var pe *panicError
 		var le *decodeLimitError
+		isPanic := errors.As(err, &pe)
+		st.messages.failed(r, isPanic)
 		if errors.As(err, &le) {
 			st.notifyRefused.Add(1)
 			name := r.firstMessageName()
@@ -505,7 +423,7 @@ func serveNotify(cfg *config, st *stats, w *ActionWriter, r *Request) {
 				logHeld(cfg, held, fmt.Sprintf("NOTIFYs of message %q refused for their size", name))
 				requestLog(cfg, r).WithError(err).Warnf("spoe: NOTIFY of message %q refused: answered with the error variable", name)
 			}
-		} else if errors.As(err, &pe) {
+		} else if isPanic {
 			st.handlerPanics.Add(1)
 			// One stack per logInterval: a panic storm must not flood the log.
 			if ok, held := cfg.logs.allow("panic"); ok {
@@ -532,33 +450,8 @@ func serveNotify(cfg *config, st *stats, w *ActionWriter, r *Request) {
 			requestLog(cfg, r).WithField("refused", w.refused).WithError(w.err).
 				Errorf("spoe: actions left out of the ACK of message %q", name)
 		}
+		if name := cfg.errorVar; name != "" {
+			_ = w.SetBool(VarScopeTransaction, name, true) // fits: room was kept
+		}
 	}
-}
-
-// requestLog is the logger for a line about r.
-func requestLog(cfg *config, r *Request) logrus.FieldLogger {
-	return cfg.logger.WithField("stream_id", r.streamID).WithField("frame_id", r.frameID)
-}
-
-// logHeld writes the summary of the lines of one kind the rate limiter held
-// back, before the next one it lets through.
-func logHeld(cfg *config, held uint64, what string) {
-	if held > 0 {
-		cfg.logger.WithField("suppressed", held).
-			Errorf("spoe: %d more %s not logged (at most one line per %v; Stats counts them all)", held, what, cfg.logs.period())
-	}
-}
-
-// firstMessageName names a request in the logs: its first message's name,
-// cut to maxLogKeyLen bytes.
-func (r *Request) firstMessageName() string {
-	it := r.Messages()
-	if !it.Next() {
-		return ""
-	}
-	name := it.name()
-	if len(name) > maxLogKeyLen {
-		name = name[:maxLogKeyLen]
-	}
-	return string(name)
 }

@@ -49,3 +49,25 @@ func TestKeptViewsFailLoudly(t *testing.T) {
 	// goroutine), which is the loud failure wanted: it is not read.
 	assert.Len(t, k.view, len("h.example.com"))
 }
+
+// TestKeptRoutedRequestFailsLoudly: a Request a Router handed its route,
+// nested or not, is sealed with its NOTIFY's.
+func TestKeptRoutedRequestFailsLoudly(t *testing.T) {
+	kept := make(chan *Request, 2)
+	var inner, outer Router
+	keep := HandlerFunc(func(w *ActionWriter, r *Request) error {
+		kept <- r
+		return nil
+	})
+	inner.Handle("m", keep)
+	outer.Handle("m", &inner)
+	outer.Handle("n", keep)
+	c := dialAgent(t, startAgent(t, &Agent{Handler: &outer}), ClientConfig{})
+	_, err := c.Notify(notifyCtx(t), ClientMessage{Name: "m"}, ClientMessage{Name: "n"})
+	require.NoError(t, err)
+	for i := 0; i < 2; i++ {
+		r := <-kept
+		assert.Panics(t, func() { r.Messages() }, "a kept routed Request")
+		assert.Panics(t, func() { _ = r.Context() }, "a kept routed Request's context")
+	}
+}

@@ -4,6 +4,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/sirupsen/logrus"
 )
 
 // logInterval is how often one kind of repeated log line may be written:
@@ -70,4 +72,32 @@ func (l *logLimiter) period() time.Duration {
 		return logInterval
 	}
 	return l.interval
+}
+
+// requestLog is the logger for a line about r.
+func requestLog(cfg *config, r *Request) logrus.FieldLogger {
+	return cfg.logger.WithField("stream_id", r.streamID).WithField("frame_id", r.frameID)
+}
+
+// logHeld writes the summary of the lines of one kind the rate limiter held
+// back, before the next one it lets through.
+func logHeld(cfg *config, held uint64, what string) {
+	if held > 0 {
+		cfg.logger.WithField("suppressed", held).
+			Errorf("spoe: %d more %s not logged (at most one line per %v; Stats counts them all)", held, what, cfg.logs.period())
+	}
+}
+
+// firstMessageName names a request in the logs: its first message's name,
+// cut to maxLogKeyLen bytes.
+func (r *Request) firstMessageName() string {
+	it := r.Messages()
+	if !it.Next() {
+		return ""
+	}
+	name := it.name()
+	if len(name) > maxLogKeyLen {
+		name = name[:maxLogKeyLen]
+	}
+	return string(name)
 }

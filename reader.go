@@ -36,6 +36,7 @@ type frameReader struct {
 	r, w     int     // unread bytes: in.b[r:w]
 	maxFrame int     // LENGTH bound
 	frames   uint64  // frames returned
+	skip     int     // bytes of a frame being skipped still to come
 
 	// The raw read callback and its results (rawread_unix.go).
 	readFn  func(fd uintptr) bool
@@ -82,6 +83,17 @@ func (rd *frameReader) empty() bool { return rd.r == rd.w }
 // (ok). Its LENGTH is checked first: a bad one is an error whatever
 // follows. When the frame is not whole yet, room is made for it.
 func (rd *frameReader) buffered(f *frame) (ok bool, err error) {
+	if rd.skip > 0 {
+		d := rd.w - rd.r
+		if d > rd.skip {
+			d = rd.skip
+		}
+		rd.r += d
+		rd.skip -= d
+		if rd.skip > 0 {
+			return false, nil
+		}
+	}
 	n := rd.w - rd.r
 	if n < lengthSize {
 		return false, nil
@@ -100,6 +112,25 @@ func (rd *frameReader) buffered(f *frame) (ok bool, err error) {
 	rd.frames++
 	*f, err = parseFrame(b)
 	return err == nil, err
+}
+
+// peek returns the LENGTH of the frame at the head of the buffer and up to
+// max bytes of it after the LENGTH, as far as they were read. The buffer
+// holds at least the LENGTH (buffered checked it).
+func (rd *frameReader) peek(max int) (length uint32, head []byte) {
+	length = binary.BigEndian.Uint32(rd.in.b[rd.r:])
+	end := rd.w
+	if end-(rd.r+lengthSize) > max {
+		end = rd.r + lengthSize + max
+	}
+	return length, rd.in.b[rd.r+lengthSize : end]
+}
+
+// skipFrame drops the frame of total bytes at the head of the buffer, as
+// its bytes come, without holding it: buffered goes on after it.
+func (rd *frameReader) skipFrame(total int) {
+	rd.skip = total
+	rd.frames++
 }
 
 // next returns the next frame, reading as needed, without deadlines: the

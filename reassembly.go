@@ -23,12 +23,18 @@ const maxReassembled = 1 << 20
 // none.
 type reassembly struct {
 	active   bool
-	dropping bool // aborted: the rest of its fragments, if any, ignored
 	streamID uint64
 	frameID  uint64
 	deadline time.Time
 	buf      []byte
 	reserved int // bytes of the budget held for buf
+
+	// The NOTIFY last answered with an aborting ACK: HAProxy 2.6 fails
+	// that event and forgets it without sending a fragment with ABORT,
+	// but fragments of it already on their way still come; they are
+	// ignored, even amid another NOTIFY's.
+	aborted                bool
+	abortedSID, abortedFID uint64
 }
 
 // reassemblyBudget is the agent-wide count of the bytes that reassemblies
@@ -54,12 +60,24 @@ func (ra *reassembly) matches(f *frame) bool {
 	return ra.active && f.streamID == ra.streamID && f.frameID == ra.frameID
 }
 
-// pending reports whether a NOTIFY is being joined (not one aborted).
-func (ra *reassembly) pending() bool { return ra.active && !ra.dropping }
+// pending reports whether a NOTIFY is being joined.
+func (ra *reassembly) pending() bool { return ra.active }
+
+// stray reports whether f is a fragment of the NOTIFY last aborted.
+func (ra *reassembly) stray(f *frame) bool {
+	return ra.aborted && f.streamID == ra.abortedSID && f.frameID == ra.abortedFID
+}
+
+// detached is the state a rescuer starts from: no NOTIFY under way (the
+// one handed to the slow handler left the reassembly, and its budget,
+// before it ran), the aborted one still known.
+func (ra *reassembly) detached() reassembly {
+	return reassembly{aborted: ra.aborted, abortedSID: ra.abortedSID, abortedFID: ra.abortedFID}
+}
 
 // startReassembly begins joining the fragmented NOTIFY f.
 func (c *conn) startReassembly(f *frame) {
-	c.frag.active, c.frag.dropping = true, false
+	c.frag.active = true
 	c.frag.streamID, c.frag.frameID = f.streamID, f.frameID
 	c.frag.deadline = time.Now().Add(c.cfg.readTimeout)
 	c.appendFragment(f.payload)
@@ -99,7 +117,7 @@ func (c *conn) appendFragment(p []byte) {
 // NOTIFYs are rare, and an idle connection holds no buffer.
 func (c *conn) endReassembly() {
 	ra := &c.frag
-	ra.active, ra.dropping = false, false
+	ra.active = false
 	ra.buf = nil
 	if ra.reserved > 0 {
 		c.agent.reassemblies.shrink(ra.reserved)
@@ -108,18 +126,19 @@ func (c *conn) endReassembly() {
 }
 
 // abortReassembly answers the NOTIFY being joined with an aborting ACK
-// (HAProxy then fails that event with error 4) and ignores the rest of its
-// fragments.
+// (HAProxy then fails that event with error 4) and ends its transfer
+// there: HAProxy 2.6 sends no fragment with ABORT after it, and the next
+// NOTIFY would else be taken for an interlaced frame. Its fragments still
+// on their way are ignored (reassembly.stray).
 func (c *conn) abortReassembly(why string) {
 	if ok, suppressed := c.cfg.logs.allow(why); ok {
 		c.log().WithField("stream_id", c.frag.streamID).WithField("frame_id", c.frag.frameID).
 			WithField("suppressed", suppressed).Warn(why)
 	}
-	c.out.b = appendFrame(c.outBuf(), frameAck, flagFin|flagAbort, c.frag.streamID, c.frag.frameID, nil)
-	id, fid := c.frag.streamID, c.frag.frameID
+	b := c.outBuf() // before c.out is read: it may take the buffer
+	c.out.b = appendFrame(b, frameAck, flagFin|flagAbort, c.frag.streamID, c.frag.frameID, nil)
+	c.frag.aborted, c.frag.abortedSID, c.frag.abortedFID = true, c.frag.streamID, c.frag.frameID
 	c.endReassembly()
-	c.frag.active, c.frag.dropping = true, true
-	c.frag.streamID, c.frag.frameID = id, fid
 }
 
 // reassemblyExpired aborts the NOTIFY being joined if its deadline passed.
@@ -136,23 +155,22 @@ func (c *conn) reassemblyExpired() bool {
 // onUnset continues, ends or aborts the NOTIFY being reassembled.
 func (c *conn) onUnset(f *frame) error {
 	if !c.frag.matches(f) {
-		if c.frag.pending() {
+		if c.frag.active && !c.frag.stray(f) {
 			return errInterlaced
 		}
-		return nil // nothing to continue or abort: ignored
+		return nil // nothing to continue or abort, or of an aborted NOTIFY: ignored
 	}
 	if f.abort() {
 		c.endReassembly()
 		return nil
 	}
-	if !c.frag.dropping && !c.reassemblyExpired() {
-		c.appendFragment(f.payload)
+	if c.reassemblyExpired() {
+		return nil // aborted: the rest of it is ignored
+	}
+	if c.appendFragment(f.payload); !c.frag.active {
+		return nil // aborted: the rest of it is ignored
 	}
 	if !f.fin() {
-		return nil
-	}
-	if c.frag.dropping {
-		c.endReassembly()
 		return nil
 	}
 	// The joined NOTIFY leaves the budget as it goes to its handler: from

@@ -4,27 +4,24 @@ import (
 	"fmt"
 )
 
-// RouteFunc handles one message of a NOTIFY on the zero-copy path: m is
-// positioned on that message (calling m.Next does not disturb the router).
-// Like a Handler, it writes actions to w, and an error fails the whole
-// NOTIFY.
-type RouteFunc func(w *ActionWriter, r *Request, m *MessageIterator) error
-
-// MessageRouteFunc handles one message in the simple API.
-type MessageRouteFunc func(m Message) ([]Action, error)
-
-// Router is a Handler that sends each message of a NOTIFY to the function
-// registered for its name, in the manner of http.ServeMux, with the
-// zero-copy path (Handle) or the simple API (HandleMessage):
+// Router is a Handler that sends each message of a NOTIFY to the Handler
+// registered for its name, in the manner of http.ServeMux:
 //
 //	var router spoe.Router
-//	router.HandleMessage("ip-rep", ipReputation)
-//	router.Handle("bot-check", botScore)
+//	router.Handle("ip-rep", spoe.MessageHandler(ipReputation))      // func([]spoe.Message) ([]spoe.Action, error)
+//	router.Handle("lookup", spoe.ContextMessageHandler(lookup))     // func(context.Context, []spoe.Message) ([]spoe.Action, error)
+//	router.HandleFunc("bot-check", botScore)                        // func(*spoe.ActionWriter, *spoe.Request) error
 //	agent := &spoe.Agent{Handler: &router}
+//
+// The Handler of a route receives a Request that holds only the routed
+// message: its Messages yield that message alone, NumMessages is 1, and a
+// MessageHandler gets a slice of one. Its Context, ids and ActionWriter are
+// those of the whole NOTIFY, so the actions of every route go in one ACK.
 //
 // Messages are handled in the order of the frame, one after the other; the
 // first error stops the frame, whose ACK then carries the error variable
-// only (see Agent.ErrorVar).
+// only (see Agent.ErrorVar). In Stats.Messages, the error or panic of a
+// route counts on its message's name only.
 //
 // A message with no route goes to NotFound; when NotFound is nil it is
 // skipped, the other messages of the frame are still handled, and the ACK
@@ -35,68 +32,53 @@ type MessageRouteFunc func(m Message) ([]Action, error)
 // concurrent registration and use.
 type Router struct {
 	// NotFound handles the messages no route matches; nil skips them.
-	NotFound RouteFunc
+	NotFound Handler
 
-	routes map[string]route
+	routes map[string]Handler
 }
 
-type route struct {
-	fast   RouteFunc
-	simple MessageRouteFunc
-}
-
-// Handle registers f for the messages called name. It panics if name is
-// empty or already registered.
-func (rt *Router) Handle(name string, f RouteFunc) {
-	rt.add(name, route{fast: f}, f == nil)
-}
-
-// HandleMessage registers f, in the simple API, for the messages called
-// name. It panics if name is empty or already registered.
-func (rt *Router) HandleMessage(name string, f MessageRouteFunc) {
-	rt.add(name, route{simple: f}, f == nil)
-}
-
-func (rt *Router) add(name string, r route, nilFunc bool) {
+// Handle registers h for the messages called name. It panics if name is
+// empty or already registered, or if h is nil.
+func (rt *Router) Handle(name string, h Handler) {
 	switch {
 	case name == "":
 		panic("spoe: Router route with an empty message name")
-	case nilFunc:
-		panic(fmt.Sprintf("spoe: Router route %q with a nil function", name))
+	case h == nil:
+		panic(fmt.Sprintf("spoe: Router route %q with a nil Handler", name))
 	}
 	if _, dup := rt.routes[name]; dup {
 		panic(fmt.Sprintf("spoe: Router route %q registered twice", name))
 	}
 	if rt.routes == nil {
-		rt.routes = make(map[string]route)
+		rt.routes = make(map[string]Handler)
 	}
-	rt.routes[name] = r
+	rt.routes[name] = h
 }
 
-// ServeSPOE handles each message of r with its route.
+// HandleFunc registers f, on the zero-copy path, for the messages called
+// name. It panics if name is empty or already registered, or if f is nil.
+func (rt *Router) HandleFunc(name string, f func(w *ActionWriter, r *Request) error) {
+	if f == nil {
+		panic(fmt.Sprintf("spoe: Router route %q with a nil function", name))
+	}
+	rt.Handle(name, HandlerFunc(f))
+}
+
+// ServeSPOE hands each message of r to its route, in a Request of its own.
 func (rt *Router) ServeSPOE(w *ActionWriter, r *Request) error {
 	for it := r.Messages(); it.Next(); {
-		m := &r.routed // a copy the route may move, in the pooled Request
-		*m = it
-		var err error
-		switch route, ok := rt.routes[string(it.name())]; {
-		case ok && route.fast != nil:
-			err = route.fast(w, r, m)
-		case ok:
-			var actions []Action
-			if actions, err = route.simple(r.decodeMessage(m)); err == nil {
-				for _, a := range actions {
-					if a != nil {
-						_ = a.writeTo(w) // refusals are recorded in w
-					}
-				}
+		h, ok := rt.routes[string(it.name())]
+		if !ok {
+			if h = rt.NotFound; h == nil {
+				continue
 			}
-		case rt.NotFound != nil:
-			err = rt.NotFound(w, r, m)
 		}
-		if err != nil {
+		root := r.root()
+		root.routing = it.name() // a failure is counted on this name only
+		if err := h.ServeSPOE(w, r.routed(&it)); err != nil {
 			return err
 		}
+		root.routing = nil
 	}
 	return nil
 }

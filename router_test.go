@@ -1,6 +1,7 @@
 package spoe
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"net"
@@ -12,16 +13,20 @@ import (
 
 func TestRouter(t *testing.T) {
 	var rt Router
-	rt.HandleMessage("ip-rep", func(m Message) ([]Action, error) {
-		ip, ok := m.IP("ip")
+	rt.Handle("ip-rep", MessageHandler(func(ms []Message) ([]Action, error) {
+		require.Len(t, ms, 1, "a route gets its message only")
+		ip, ok := ms[0].ArgIP("ip")
 		require.True(t, ok)
 		return []Action{ActionSetVar{Name: "last_octet", Scope: VarScopeSession, Value: int(ip.To4()[3])}}, nil
-	})
-	rt.Handle("bot", func(w *ActionWriter, r *Request, m *MessageIterator) error {
+	}))
+	rt.HandleFunc("bot", func(w *ActionWriter, r *Request) error {
+		require.Equal(t, 1, r.NumMessages(), "a route gets its message only")
+		m, ok := r.Message("bot")
+		require.True(t, ok)
 		v, _ := m.Arg("ua")
-		return w.SetBool(VarScopeTransaction, "bot", v.Equal("curl"))
+		return w.SetBool(VarScopeTransaction, "bot", v.EqualString("curl"))
 	})
-	rt.Handle("fail", func(*ActionWriter, *Request, *MessageIterator) error { return errors.New("no") })
+	rt.HandleFunc("fail", func(*ActionWriter, *Request) error { return errors.New("no") })
 	c := dialAgent(t, startAgent(t, &Agent{Handler: &rt}), ClientConfig{})
 	ctx := notifyCtx(t)
 
@@ -40,31 +45,81 @@ func TestRouter(t *testing.T) {
 	assert.Equal(t, []Action{ActionSetVar{Name: "error", Scope: VarScopeTransaction, Value: true}}, actions,
 		"a failing route fails the frame")
 
-	rt.NotFound = func(w *ActionWriter, r *Request, m *MessageIterator) error {
-		return w.SetString(VarScopeTransaction, "unrouted", m.Name())
-	}
-	actions, err = c.Notify(ctx, ClientMessage{Name: "other"})
+	rt.NotFound = HandlerFunc(func(w *ActionWriter, r *Request) error {
+		for m := r.Messages(); m.Next(); {
+			if err := w.SetString(VarScopeTransaction, "unrouted", m.Name()); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	actions, err = c.Notify(ctx, ClientMessage{Name: "other"}, ipRep(net.IP{10, 0, 0, 1}))
 	require.NoError(t, err)
-	assert.Equal(t, []Action{ActionSetVar{Name: "unrouted", Scope: VarScopeTransaction, Value: "other"}}, actions)
+	assert.Equal(t, []Action{
+		ActionSetVar{Name: "unrouted", Scope: VarScopeTransaction, Value: "other"},
+		ActionSetVar{Name: "last_octet", Scope: VarScopeSession, Value: int64(1)},
+	}, actions, "NotFound gets the unrouted message only")
+}
+
+// TestRouterContext: a route's Request shares the NOTIFY's context and
+// ids, on both APIs, and nested Routers work.
+func TestRouterContext(t *testing.T) {
+	var inner, outer Router
+	type seen struct {
+		info RequestInfo
+		ok   bool
+	}
+	got := make(chan seen, 2)
+	inner.Handle("ctx", ContextMessageHandler(func(ctx context.Context, ms []Message) ([]Action, error) {
+		info, ok := RequestInfoFromContext(ctx)
+		got <- seen{info, ok}
+		return []Action{ActionSetVar{Name: "n", Scope: VarScopeTransaction, Value: len(ms)}}, nil
+	}))
+	outer.Handle("ctx", &inner)
+	outer.HandleFunc("fast", func(w *ActionWriter, r *Request) error {
+		info, ok := RequestInfoFromContext(r.Context())
+		got <- seen{info, ok}
+		return nil
+	})
+	c := dialAgent(t, startAgent(t, &Agent{Handler: &outer}), ClientConfig{EngineID: "eng-1"})
+	actions, err := c.Notify(notifyCtx(t), ClientMessage{Name: "ctx"}, ClientMessage{Name: "fast"})
+	require.NoError(t, err)
+	assert.Equal(t, []Action{ActionSetVar{Name: "n", Scope: VarScopeTransaction, Value: int64(1)}}, actions)
+	for i := 0; i < 2; i++ {
+		s := <-got
+		require.True(t, s.ok)
+		assert.Equal(t, "eng-1", s.info.EngineID)
+		assert.NotZero(t, s.info.StreamID)
+	}
 }
 
 func TestRouterRegistrationPanics(t *testing.T) {
 	var rt Router
-	f := func(*ActionWriter, *Request, *MessageIterator) error { return nil }
-	rt.Handle("a", f)
-	assert.Panics(t, func() { rt.Handle("a", f) }, "twice")
-	assert.Panics(t, func() { rt.HandleMessage("a", func(Message) ([]Action, error) { return nil, nil }) }, "twice, other API")
-	assert.Panics(t, func() { rt.Handle("", f) }, "empty name")
-	assert.Panics(t, func() { rt.Handle("b", nil) }, "nil function")
+	f := func(*ActionWriter, *Request) error { return nil }
+	rt.HandleFunc("a", f)
+	assert.Panics(t, func() { rt.HandleFunc("a", f) }, "twice")
+	assert.Panics(t, func() {
+		rt.Handle("a", MessageHandler(func([]Message) ([]Action, error) { return nil, nil }))
+	}, "twice, other API")
+	assert.Panics(t, func() { rt.HandleFunc("", f) }, "empty name")
+	assert.Panics(t, func() { rt.HandleFunc("b", nil) }, "nil function")
+	assert.Panics(t, func() { rt.Handle("b", nil) }, "nil Handler")
 }
 
 func TestRouterNoAlloc(t *testing.T) {
 	var rt Router
-	rt.Handle("heavy", func(w *ActionWriter, r *Request, m *MessageIterator) error {
+	rt.HandleFunc("heavy", func(w *ActionWriter, r *Request) error {
+		for m := r.Messages(); m.Next(); {
+			v, _ := m.Arg("host")
+			b, _ := v.Bytes()
+			if err := w.SetStringBytes(VarScopeSession, "host", b); err != nil {
+				return err
+			}
+		}
 		return w.SetInt(VarScopeSession, "score", 100)
 	})
 	r := &Request{}
-	payload, err := appendMessages(nil, []ClientMessage{heavyMessage})
+	payload, err := appendMessages(nil, []ClientMessage{heavyMessage, ipRepMessage})
 	require.NoError(t, err)
 	require.NoError(t, r.indexMessages(payload))
 	w := newTestWriter(1, 1, 16380)
@@ -80,31 +135,31 @@ func TestMessageGetters(t *testing.T) {
 		"ip": net.IP{1, 2, 3, 4}, "s": "x", "b": true, "bin": []byte{1},
 		"i64": int64(-3), "i32": int32(-4), "u32": uint32(5), "u64": uint64(6), "big": uint64(1 << 63), "nul": nil,
 	}}
-	ip, ok := m.IP("ip")
+	ip, ok := m.ArgIP("ip")
 	assert.True(t, ok)
 	assert.Equal(t, net.IP{1, 2, 3, 4}, ip)
-	_, ok = m.IP("s")
+	_, ok = m.ArgIP("s")
 	assert.False(t, ok)
-	s, ok := m.String("s")
+	s, ok := m.ArgString("s")
 	assert.True(t, ok)
 	assert.Equal(t, "x", s)
-	_, ok = m.String("bin")
+	_, ok = m.ArgString("bin")
 	assert.False(t, ok)
-	b, ok := m.Bool("b")
+	b, ok := m.ArgBool("b")
 	assert.True(t, ok && b)
-	bin, ok := m.Bytes("bin")
+	bin, ok := m.ArgBytes("bin")
 	assert.True(t, ok)
 	assert.Equal(t, []byte{1}, bin)
 	for name, want := range map[string]int64{"i64": -3, "i32": -4, "u32": 5, "u64": 6} {
-		n, ok := m.Int(name)
+		n, ok := m.ArgInt(name)
 		assert.True(t, ok, name)
 		assert.Equal(t, want, n, name)
 	}
-	_, ok = m.Int("big")
+	_, ok = m.ArgInt("big")
 	assert.False(t, ok, "uint64 above MaxInt64")
-	_, ok = m.Int("nul")
+	_, ok = m.ArgInt("nul")
 	assert.False(t, ok)
-	_, ok = m.Int("absent")
+	_, ok = m.ArgInt("absent")
 	assert.False(t, ok)
 }
 

@@ -174,7 +174,7 @@ func putExchange(ex *exchange) {
 	if poisonViews {
 		return // a fresh one each time, so that a kept view stays sealed
 	}
-	ex.req = Request{names: ex.req.names}
+	ex.req = Request{names: ex.req.names, sub: ex.req.sub}
 	if cap(ex.ack) > 64<<10 {
 		ex.ack = nil
 	}
@@ -215,8 +215,9 @@ type inlineWatch struct {
 	// state is seq<<2 | stateRescuing | stateInline, seq counting inline
 	// handler calls and rescues.
 	state    atomic.Uint64
-	timer    *time.Timer // the reading role's
-	armed    atomic.Bool
+	timer    *time.Timer   // the reading role's
+	armMu    sync.Mutex    // orders arming, disarming and re-arming the timer
+	armed    atomic.Bool   // changed under armMu
 	lastSeen atomic.Uint64 // the state the previous firing saw
 }
 
@@ -268,8 +269,10 @@ func (c *conn) handle(streamID, frameID uint64, payload []byte) error {
 		// Arming counts as the timer's first sight of this handler: if
 		// it still runs at the first firing, it is rescued then.
 		w.lastSeen.Store(inline)
+		w.armMu.Lock()
 		w.armed.Store(true)
 		w.timer.Reset(inlineBudget)
+		w.armMu.Unlock()
 	}
 	in := c.rd.in
 	// Invariant 2: from here until the CompareAndSwap succeeds, touch no
@@ -310,7 +313,7 @@ func (c *conn) run(ex *exchange, sampled bool) []byte {
 	serveNotify(c.cfg, c.stats, &ex.w, &ex.req)
 	if sampled {
 		d := monotime() - start
-		c.stats.observeHandler(d, latencySampling)
+		c.stats.observeHandler(d, latencySampling, &ex.req)
 		c.sched.observe(d)
 	}
 	ack := ex.w.finish()
@@ -367,20 +370,25 @@ func (c *conn) release() {
 
 // disarm stops the rescue timer before the reading role blocks or ends.
 func (c *conn) disarm() {
-	if c.watch.armed.Load() {
-		c.watch.armed.Store(false)
-		c.watch.timer.Stop()
+	w := &c.watch
+	if w.armed.Load() {
+		w.armMu.Lock()
+		w.armed.Store(false)
+		w.timer.Stop()
+		w.armMu.Unlock()
 	}
 }
 
 // rearm sets the rescue timer off again, unless the reading role disarmed
-// it meanwhile: disarm clears armed before it stops the timer, so
-// whichever comes last wins.
+// it meanwhile (under armMu, so that a disarm and a new arming between
+// its check and its Reset cannot leave the timer stopped while armed).
 func (c *conn) rearm() {
-	c.watch.timer.Reset(inlineBudget)
-	if !c.watch.armed.Load() {
-		c.watch.timer.Stop()
+	w := &c.watch
+	w.armMu.Lock()
+	if w.armed.Load() {
+		w.timer.Reset(inlineBudget)
 	}
+	w.armMu.Unlock()
 }
 
 // rescue runs in the timer's goroutine every inlineBudget while inline
@@ -402,9 +410,11 @@ func (c *conn) rescue() {
 	c.refs.Add(1)
 	c.stats.rescues.Add(1)
 	c.rd.detach()
-	c.frag = reassembly{}
+	c.frag = c.frag.detached()
 	c.ex = nil
+	w.armMu.Lock()
 	w.armed.Store(false) // armed again by the next inline handler
+	w.armMu.Unlock()
 	w.state.Store(s&^(stateInline|stateRescuing) + stateSeq)
 	// The ACKs gathered before the slow frame must not wait for it.
 	err := c.flush()

@@ -1038,6 +1038,7 @@ func runSoak(t *testing.T, total int, async bool) {
 	require.NoError(t, err)
 	tap := &soakTap{conns: map[string]*soakTapConn{}}
 	served := make(chan error, 1)
+	a.keepPipelining = true // the Client offers what 3.1+ does (see startAgent)
 	go func() { served <- a.Serve(&soakListener{Listener: ln, tap: tap}) }()
 	var wg sync.WaitGroup
 
@@ -1294,6 +1295,7 @@ func TestSoakReproRerouteAfterWriteError(t *testing.T) {
 	quiet.SetOutput(io.Discard)
 	a.Logger = quiet
 	served := make(chan error, 1)
+	a.keepPipelining = true // the Client offers what 3.1+ does (see startAgent)
 	go func() { served <- a.Serve(&soakResetListener{Listener: l}) }()
 	t.Cleanup(func() {
 		_ = a.Close()
@@ -1416,6 +1418,7 @@ func soakWriteClosedScenario(t *testing.T) (uint64, []string) {
 	require.NoError(t, err)
 	ln = &soakResetListener{Listener: l}
 	served := make(chan error, 1)
+	a.keepPipelining = true // the Client offers what 3.1+ does (see startAgent)
 	go func() { served <- a.Serve(ln) }()
 	defer func() {
 		_ = a.Close()

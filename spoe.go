@@ -24,17 +24,24 @@
 // # Two ways to handle
 //
 // MessageHandler, the function above, receives every message with its
-// arguments decoded to Go values and returns actions. Handler is the
-// zero-copy path under it: a Request whose messages and typed arguments are
-// read lazily from the frame, and an ActionWriter that appends actions
-// straight into the ACK. Both are served by the same engine.
+// arguments decoded to Go values and returns actions;
+// ContextMessageHandler is the same with a context first (cancelled when
+// HAProxy gives up or the agent closes, carrying the request's ids: see
+// Request.Context and RequestInfoFromContext). Handler is the zero-copy path
+// under them: a Request whose messages and typed arguments are read lazily
+// from the frame, and an ActionWriter that appends actions straight into
+// the ACK. All are served by the same engine, and a Router sends each
+// message to the Handler registered for its name.
 //
 // # Protocol
 //
 // The agent speaks SPOP 2.0 as HAProxy 2.6 to 3.x do. It announces
-// "pipelining" and "async" when HAProxy offers them, and "fragmentation",
-// with which HAProxy 2.6 and 3.0 may split a big NOTIFY in several frames
-// that the agent joins. It answers health checks ("option spop-check"),
+// "pipelining" and "async" when HAProxy 2.6 to 3.0 offer them, but not
+// "pipelining" to the 3.1+ multiplexer, whose connections can stall for
+// good when pipelined answers fill its buffer (see agentCaps, and the
+// README's "Known HAProxy issues"); and "fragmentation", with which HAProxy
+// 2.6 and 3.0 may split a big NOTIFY in several frames that the agent
+// joins. It answers health checks ("option spop-check"),
 // HAProxy's DISCONNECT, and protocol errors with the status code SPOP
 // defines for them.
 //
@@ -76,9 +83,11 @@
 //
 // SPOP has no error status per frame. When a handler returns an error or
 // panics, the agent answers at once with the variable txn.<prefix>.error
-// (Agent.ErrorVar) set to true, and logs and counts the error. A variable
-// that HAProxy would drop silently (a bad name, a value SPOP cannot carry,
-// an ACK over max-frame-size) is left out, logged and counted.
+// (Agent.ErrorVar) set to true, and logs and counts the error. An action
+// HAProxy would drop silently (a bad name, a value SPOP cannot carry, an
+// ACK over max-frame-size) is left out, logged and counted, and the same
+// variable is set beside the actions that went, so that a rule can fail
+// closed; room for it is kept in every ACK.
 package spoe
 
 import (
@@ -213,9 +222,12 @@ type Agent struct {
 
 	// ErrorVar is the name of the transaction variable the agent sets to
 	// true (txn.<prefix>.<ErrorVar>) in place of the handler's actions when
-	// the handler fails. Zero means DefaultErrorVar, which is the name to
-	// give HAProxy's own "option set-on-error" too, so that one variable
-	// tells every failure: "-" turns it off.
+	// the handler fails, and beside them when an action was left out of the
+	// ACK (invalid name or value, or too big for the negotiated
+	// max-frame-size: the room this variable takes is kept free in every
+	// ACK, so it always fits). Zero means DefaultErrorVar, which is the
+	// name to give HAProxy's own "option set-on-error" too, so that one
+	// variable tells every failure: "-" turns it off.
 	ErrorVar string
 
 	// VarPrefix is HAProxy's var-prefix for this agent ("option
@@ -249,6 +261,10 @@ type Agent struct {
 	logs         logLimiter // rate of the handler failure logs
 
 	sched scheduler // handler slots and scheduling policy (sched.go)
+
+	// keepPipelining answers "pipelining" to HAProxy 3.1+ too (see
+	// agentCaps); set by tests only, which show HAProxy's stall with it.
+	keepPipelining bool
 }
 
 // New returns an Agent that answers NOTIFY frames with handler.
@@ -457,7 +473,7 @@ func (a *Agent) closeListeners() ([]*conn, error) {
 // before it could learn of the shutdown, bounded: those whole in the
 // agent's read buffer, and, on Linux, those whole within the bytes the
 // socket had received by the call (elsewhere on unix, within 64 KiB of
-// them; on other systems, none). It lets the handlers running on it
+// them; over TLS and on other systems, none). It lets the handlers running on it
 // finish and writes their ACKs, then sends AGENT-DISCONNECT with status 0
 // "normal" after them, waits for HAProxy to close (at most 1 s, and 1 MiB
 // of what the peer still sends, discarded), and closes. The NOTIFYs left

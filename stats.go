@@ -35,6 +35,8 @@ type stats struct {
 
 	handlerLatency [latencyBuckets]atomic.Uint64
 	handlerTime    atomic.Int64 // nanoseconds, sampled like handlerLatency
+
+	messages messageTable
 }
 
 // Frame types counted, by index.
@@ -100,14 +102,37 @@ func monotime() time.Duration { return time.Since(processStart) }
 // calls that took less than 2^i microseconds (the last one, the rest).
 const latencyBuckets = 24
 
-// observeHandler counts n handler calls of duration d.
-func (s *stats) observeHandler(d time.Duration, n uint64) {
+// observeHandler counts n handler calls of duration d, on r's messages.
+func (s *stats) observeHandler(d time.Duration, n uint64, r *Request) {
+	i := latencyBucket(d)
+	s.handlerLatency[i].Add(n)
+	s.handlerTime.Add(int64(d) * int64(n))
+	for _, m := range r.mstats {
+		if m == nil {
+			break
+		}
+		m.latency[i].Add(n)
+		m.time.Add(int64(d) * int64(n))
+	}
+}
+
+func latencyBucket(d time.Duration) int {
 	i := bits.Len64(uint64(d / time.Microsecond))
 	if i >= latencyBuckets {
 		i = latencyBuckets - 1
 	}
-	s.handlerLatency[i].Add(n)
-	s.handlerTime.Add(int64(d) * int64(n))
+	return i
+}
+
+func latencyCounts(c *[latencyBuckets]atomic.Uint64) []LatencyBucket {
+	b := make([]LatencyBucket, latencyBuckets)
+	for i := range b {
+		if i < latencyBuckets-1 {
+			b[i].UpperBound = time.Duration(1<<i) * time.Microsecond
+		}
+		b[i].Count = c[i].Load()
+	}
+	return b
 }
 
 // Stats is a snapshot of an agent's counters, from Agent.Stats.
@@ -147,6 +172,11 @@ type Stats struct {
 	HandlerLatency []LatencyBucket
 	// HandlerTime is the time spent in handlers, sampled the same way.
 	HandlerTime time.Duration
+
+	// Messages counts the NOTIFY frames by the names of their messages
+	// (see MessageStats), for the first MaxStatsMessages names seen; the
+	// frames of later names are counted together under OtherMessages.
+	Messages map[string]MessageStats
 }
 
 // FrameCounts counts frames by type.
@@ -210,13 +240,8 @@ func (a *Agent) Stats() Stats {
 		DisconnectsOut: statusCounts(&s.disconnectsOut),
 	}
 	st.HandlerTime = time.Duration(s.handlerTime.Load())
-	st.HandlerLatency = make([]LatencyBucket, latencyBuckets)
-	for i := range st.HandlerLatency {
-		if i < latencyBuckets-1 {
-			st.HandlerLatency[i].UpperBound = time.Duration(1<<i) * time.Microsecond
-		}
-		st.HandlerLatency[i].Count = s.handlerLatency[i].Load()
-	}
+	st.HandlerLatency = latencyCounts(&s.handlerLatency)
+	st.Messages = s.messages.snapshot()
 	return st
 }
 

@@ -204,6 +204,15 @@ func (fw *frameWriter) closeWrite() {
 	fw.mu.Unlock()
 }
 
+// waitIdle waits for the write under way, if any.
+func (fw *frameWriter) waitIdle() {
+	fw.mu.Lock()
+	for fw.writing {
+		fw.cond.Wait()
+	}
+	fw.mu.Unlock()
+}
+
 // close accepts no more frames, without waiting.
 func (fw *frameWriter) close() {
 	fw.mu.Lock()
@@ -234,7 +243,8 @@ const maxGathered = 64 << 10
 // run of ACKs past maxGathered is written at once (and waits, if the peer
 // does not read: see frameWriter).
 func (c *conn) gather(frames []byte) {
-	c.out.b = append(c.outBuf(), frames...)
+	b := c.outBuf() // before c.out is read: it may take the buffer
+	c.out.b = append(b, frames...)
 	if len(c.out.b) > maxGathered {
 		c.disarm()
 		_ = c.flush() // a failure ends the connection: see write

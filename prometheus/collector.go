@@ -15,6 +15,7 @@ package spoeprom
 
 import (
 	"strconv"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spoe-go/spoe"
@@ -34,6 +35,9 @@ type Collector struct {
 	notifyTooBig                  *prometheus.Desc
 	disconnectsIn, disconnectsOut *prometheus.Desc
 	handlerSeconds                *prometheus.Desc
+
+	messageRequests, messageErrors *prometheus.Desc
+	messagePanics, messageSeconds  *prometheus.Desc
 }
 
 // Option changes how NewCollector names and labels the metrics.
@@ -80,6 +84,13 @@ func WithConstLabels(labels prometheus.Labels) Option {
 //	spoe_disconnects_received_total{status}  counter: HAProxy's DISCONNECT frames by status code
 //	spoe_disconnects_sent_total{status}      counter: the agent's
 //	spoe_handler_duration_seconds            histogram, sampled (see spoe.Stats.HandlerLatency)
+//	spoe_message_requests_total{message}     counter: messages received, by name
+//	spoe_message_errors_total{message}       counter: frames with the message whose handler failed
+//	spoe_message_panics_total{message}       counter: frames with the message whose handler panicked
+//	spoe_message_handler_duration_seconds{message}  histogram, sampled
+//
+// The message label takes at most spoe.MaxStatsMessages values, plus
+// spoe.OtherMessages for the names seen after them (see spoe.Stats.Messages).
 func NewCollector(agent *spoe.Agent, opts ...Option) *Collector {
 	o := options{namespace: "spoe"}
 	for _, opt := range opts {
@@ -108,6 +119,11 @@ func NewCollector(agent *spoe.Agent, opts ...Option) *Collector {
 		disconnectsIn:  desc("disconnects_received_total", "HAProxy's DISCONNECT frames, by status code.", "status"),
 		disconnectsOut: desc("disconnects_sent_total", "The agent's DISCONNECT frames, by status code.", "status"),
 		handlerSeconds: desc("handler_duration_seconds", "Handler latency, sampled: one call in 8 is timed and counted 8 times."),
+
+		messageRequests: desc("message_requests_total", "Messages received, by name.", "message"),
+		messageErrors:   desc("message_errors_total", "NOTIFY frames with the message whose handler returned an error, by name.", "message"),
+		messagePanics:   desc("message_panics_total", "NOTIFY frames with the message whose handler panicked, by name.", "message"),
+		messageSeconds:  desc("message_handler_duration_seconds", "Handler latency of the NOTIFY frames with the message, by name, sampled as handler_duration_seconds.", "message"),
 	}
 }
 
@@ -117,6 +133,7 @@ func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 		c.connsOpen, c.connsTotal, c.framesIn, c.framesOut, c.writes, c.healthchecks, c.inFlight,
 		c.handlerErrors, c.handlerPanics, c.actionsRefused, c.acksDropped, c.acksRerouted, c.rescues,
 		c.protocolErrors, c.notifyTooBig, c.disconnectsIn, c.disconnectsOut, c.handlerSeconds,
+		c.messageRequests, c.messageErrors, c.messagePanics, c.messageSeconds,
 	} {
 		ch <- d
 	}
@@ -159,15 +176,26 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 		counter(c.disconnectsOut, n, strconv.FormatUint(uint64(status), 10))
 	}
 
-	// spoe.Stats buckets are not cumulative; Prometheus' are. The last
-	// one, with no bound, is +Inf: only in the count.
-	buckets := make(map[float64]uint64, len(st.HandlerLatency))
+	histogram(ch, c.handlerSeconds, st.HandlerLatency, st.HandlerTime)
+	for name, m := range st.Messages {
+		counter(c.messageRequests, m.Requests, name)
+		counter(c.messageErrors, m.Errors, name)
+		counter(c.messagePanics, m.Panics, name)
+		histogram(ch, c.messageSeconds, m.HandlerLatency, m.HandlerTime, name)
+	}
+}
+
+// histogram sends a latency histogram. spoe.Stats buckets are not
+// cumulative; Prometheus' are. The last one, with no bound, is +Inf: only
+// in the count.
+func histogram(ch chan<- prometheus.Metric, d *prometheus.Desc, latency []spoe.LatencyBucket, sum time.Duration, labels ...string) {
+	buckets := make(map[float64]uint64, len(latency))
 	var count uint64
-	for _, b := range st.HandlerLatency {
+	for _, b := range latency {
 		count += b.Count
 		if b.UpperBound > 0 {
 			buckets[b.UpperBound.Seconds()] = count
 		}
 	}
-	ch <- prometheus.MustNewConstHistogram(c.handlerSeconds, count, st.HandlerTime.Seconds(), buckets)
+	ch <- prometheus.MustNewConstHistogram(d, count, sum.Seconds(), buckets, labels...)
 }

@@ -3,6 +3,7 @@ package spoeprom_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"strings"
@@ -111,9 +112,33 @@ spoe_protocol_errors_total 0
 		t.Error(err)
 	}
 
-	// Every metric is there, once, and passes the Prometheus linter.
-	if n := testutil.CollectAndCount(coll); n != 24 {
-		t.Errorf("%d metrics collected, want 24", n)
+	// By message name: each of the three names has its counters.
+	const wantMessages = `
+# HELP spoe_message_errors_total NOTIFY frames with the message whose handler returned an error, by name.
+# TYPE spoe_message_errors_total counter
+spoe_message_errors_total{message="fail"} 1
+spoe_message_errors_total{message="ok"} 0
+spoe_message_errors_total{message="panic"} 0
+# HELP spoe_message_panics_total NOTIFY frames with the message whose handler panicked, by name.
+# TYPE spoe_message_panics_total counter
+spoe_message_panics_total{message="fail"} 0
+spoe_message_panics_total{message="ok"} 0
+spoe_message_panics_total{message="panic"} 1
+# HELP spoe_message_requests_total Messages received, by name.
+# TYPE spoe_message_requests_total counter
+spoe_message_requests_total{message="fail"} 1
+spoe_message_requests_total{message="ok"} 1
+spoe_message_requests_total{message="panic"} 1
+`
+	if err := testutil.CollectAndCompare(coll, strings.NewReader(wantMessages),
+		"spoe_message_requests_total", "spoe_message_errors_total", "spoe_message_panics_total"); err != nil {
+		t.Error(err)
+	}
+
+	// Every metric is there, once, and passes the Prometheus linter: 24,
+	// and 4 per message name.
+	if n := testutil.CollectAndCount(coll); n != 24+3*4 {
+		t.Errorf("%d metrics collected, want %d", n, 24+3*4)
 	}
 	reg := prometheus.NewPedanticRegistry()
 	reg.MustRegister(coll)
@@ -154,6 +179,20 @@ spoe_protocol_errors_total 0
 	}
 	if !found {
 		t.Error("no spoe_handler_duration_seconds")
+	}
+
+	// By message: "ok", the connection's first call, was the one timed.
+	byMessage := map[string]uint64{}
+	for _, mf := range mfs {
+		if mf.GetName() != "spoe_message_handler_duration_seconds" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			byMessage[m.GetLabel()[0].GetValue()] = m.GetHistogram().GetSampleCount()
+		}
+	}
+	if want := map[string]uint64{"ok": sampled, "fail": 0, "panic": 0}; fmt.Sprint(byMessage) != fmt.Sprint(want) {
+		t.Errorf("message histograms' counts %v, want %v", byMessage, want)
 	}
 }
 

@@ -22,12 +22,12 @@ func contractHandler(score int) spoe.MessageHandler {
 			actions = append(actions, spoe.ActionSetVar{Scope: spoe.VarScopeSession, Name: "score", Value: score})
 			switch m.Name {
 			case "heavy":
-				host, _ := m.String("host")
+				host, _ := m.ArgString("host")
 				actions = append(actions,
 					spoe.ActionSetVar{Scope: spoe.VarScopeTransaction, Name: "host", Value: host},
 					spoe.ActionSetVar{Scope: spoe.VarScopeTransaction, Name: "ok", Value: true})
 			case "mixed":
-				if ms, _ := m.Int("delay-ms"); ms > 0 {
+				if ms, _ := m.ArgInt("delay-ms"); ms > 0 {
 					time.Sleep(time.Duration(ms) * time.Millisecond)
 				}
 			}

@@ -252,7 +252,10 @@ func (c *client) flush() bool {
 func (c *client) handshake(id int) error {
 	caps := ""
 	if c.cfg.pipelining {
-		caps = "pipelining"
+		// As HAProxy 2.6 to 3.0 offer by default: an agent may decline
+		// pipelining to a HAProxy that offers it without async (the 3.1+
+		// multiplexer; spoe does, see its README's "Known HAProxy issues").
+		caps = "pipelining,async"
 	}
 	b, start := startFrame(nil, frameHAProxyHello, flagFin, 0, 0)
 	b = putBytes(b, "supported-versions")

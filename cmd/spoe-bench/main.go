@@ -47,7 +47,7 @@ func realMain(args []string, stdout, stderr io.Writer) int {
 	addr := fs.String("addr", "127.0.0.1:12345", "the agent's `address`: host:port, or unix:PATH for a unix socket")
 	conns := fs.Int("conns", 4, "connections")
 	inflight := fs.Int("inflight", 32, "NOTIFY frames in flight per connection")
-	pipelining := fs.Bool("pipelining", true, "announce pipelining; false needs -inflight 1")
+	pipelining := fs.Bool("pipelining", true, "announce pipelining (and async, as HAProxy 2.6 to 3.0 do); false needs -inflight 1")
 	name := fs.String("workload", "ip-rep", "ip-rep, heavy or mixed")
 	slowFraction := fs.Float64("slow-fraction", 0.01, "mixed: the fraction of requests the agent must delay")
 	slowDelay := fs.Duration("slow-delay", 20*time.Millisecond, "mixed: how long the agent delays them (whole milliseconds)")

@@ -70,13 +70,13 @@ func handleMessages(messages []spoe.Message) ([]spoe.Action, error) {
 		case "ip-rep":
 			actions = append(actions, spoe.ActionSetVar{Name: "score", Scope: spoe.VarScopeSession, Value: 100})
 		case "heavy":
-			host, _ := msg.String("host")
+			host, _ := msg.ArgString("host")
 			actions = append(actions,
 				spoe.ActionSetVar{Name: "score", Scope: spoe.VarScopeSession, Value: 100},
 				spoe.ActionSetVar{Name: "host", Scope: spoe.VarScopeTransaction, Value: host},
 				spoe.ActionSetVar{Name: "ok", Scope: spoe.VarScopeTransaction, Value: true})
 		case "mixed":
-			if ms, ok := msg.Int("delay-ms"); ok && ms > 0 {
+			if ms, ok := msg.ArgInt("delay-ms"); ok && ms > 0 {
 				time.Sleep(time.Duration(ms) * time.Millisecond)
 			}
 			actions = append(actions, spoe.ActionSetVar{Name: "score", Scope: spoe.VarScopeSession, Value: 100})

@@ -30,7 +30,7 @@ func main() {
 
 	scorer := &botScorer{rates: newRateCounter(*rate)}
 	var router spoe.Router
-	router.Handle("bot-check", scorer.check)
+	router.HandleFunc("bot-check", scorer.check)
 	agent := &spoe.Agent{Handler: &router, VarPrefix: "bot"}
 
 	if err := agent.Run(context.Background(), *addr, 10*time.Second); err != nil {
@@ -57,7 +57,10 @@ type botScorer struct {
 }
 
 // check answers the bot-check message: args ip=src headers=req.hdrs_bin.
-func (s *botScorer) check(w *spoe.ActionWriter, r *spoe.Request, m *spoe.MessageIterator) error {
+// As a Router's route, r holds that message only.
+func (s *botScorer) check(w *spoe.ActionWriter, r *spoe.Request) error {
+	m := r.Messages()
+	m.Next()
 	score := 0
 	var reasons [96]byte // "no-ua,automation-ua,..." without allocating
 	why := reasons[:0]

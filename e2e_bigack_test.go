@@ -1,0 +1,179 @@
+package spoe_test
+
+// Big answers under load, on every HAProxy: 40 concurrent HTTP clients, a
+// backend "server ... maxconn 2", and ACKs that set one string variable of
+// 1 byte up to what max-frame-size allows. HAProxy 3.1+ stalls a pipelining
+// connection for good when one read fills its demux buffer (see agentCaps
+// in hello.go, and README "Known HAProxy issues"); the agent therefore
+// does not answer "pipelining" to it. TestE2EBigAnswersStallWithPipelining
+// keeps the reproducer of HAProxy's bug: the same load with "pipelining"
+// answered.
+
+import (
+	"fmt"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/spoe-go/spoe"
+)
+
+// bigAnswerLoad is one run of the load.
+type bigAnswerLoad struct {
+	size       int // bytes of the variable; -1: the largest that fits
+	clients    int
+	duration   time.Duration
+	pipelining bool // the agent answers "pipelining" to 3.1+ too (spoe.KeepPipelining)
+	noMaxconn  bool // the agents' server line without "maxconn 2"
+}
+
+// bigAnswerResult counts the requests of a run.
+type bigAnswerResult struct {
+	ok, failed, transport int64
+	firstFailure          string
+}
+
+// spopVarintLen is the length of v encoded as an SPOP varint.
+func spopVarintLen(v uint64) int {
+	if v < 240 {
+		return 1
+	}
+	n := 2
+	for v = (v - 240) >> 4; v >= 128; v = (v - 128) >> 7 {
+		n++
+	}
+	return n
+}
+
+// largestString is the longest string value that one set-var of txn.<name>
+// can carry in an ACK of (streamID, frameID) when the agent's frames are
+// kept to maxFrameSize-1 bytes, as the library keeps them, with room kept
+// free for the set-var of the error variable (txn.<prefix>.error), which
+// the library adds when it must leave an action out.
+func largestString(maxFrameSize int, streamID, frameID uint64, name string) int {
+	head := 1 + 4 + spopVarintLen(streamID) + spopVarintLen(frameID) // type, flags, ids
+	action := 3 + spopVarintLen(uint64(len(name))) + len(name) + 1   // type, nb-args, scope, name, value type
+	errorVar := 3 + 1 + len("error") + 1                             // the same for the BOOL txn.<prefix>.error
+	room := maxFrameSize - 1 - head - action - errorVar
+	n := room - spopVarintLen(uint64(room))
+	for n+spopVarintLen(uint64(n)) > room {
+		n--
+	}
+	return n
+}
+
+func runBigAnswers(t *testing.T, hp haproxyBinary, load bigAnswerLoad) bigAnswerResult {
+	t.Helper()
+	payload := make([]byte, 16384)
+	for i := range payload {
+		payload[i] = 'a' + byte(i%26)
+	}
+	a := &spoe.Agent{Handler: spoe.HandlerFunc(func(w *spoe.ActionWriter, r *spoe.Request) error {
+		n := load.size
+		if n < 0 {
+			n = largestString(16380, r.StreamID(), r.FrameID(), "big")
+		}
+		return w.SetString(txn, "big", string(payload[:n]))
+	})}
+	if load.pipelining {
+		spoe.KeepPipelining(a)
+	}
+	agent := startAgent(t, a)
+	serverOptions := "maxconn 2"
+	if load.noMaxconn {
+		serverOptions = ""
+	}
+	h := startHAProxy(t, hp, haproxySetup{
+		AgentAddr:       agent.addr,
+		AgentDirectives: "messages big",
+		SpoeSections: `
+spoe-message big
+    args src
+    event on-frontend-http-request
+`,
+		Frontend: "http-after-response set-header x-big-len %[var(txn.e2e.big),length] if { var(txn.e2e.big) -m found }\n" +
+			"http-after-response set-header x-spoe-error %[var(txn.e2e.spoe_error)] if { var(txn.e2e.spoe_error) -m found }",
+		ServerOptions: serverOptions,
+	})
+
+	var res bigAnswerResult
+	var mu sync.Mutex
+	deadline := time.Now().Add(load.duration)
+	var wg sync.WaitGroup
+	for i := 0; i < load.clients; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c := newClient(t, true)
+			for time.Now().Before(deadline) {
+				r, err := tryGet(c, h.url+"/big")
+				switch {
+				case err != nil:
+					atomic.AddInt64(&res.transport, 1)
+				case r.header.Get("X-Spoe-Error") == "" && r.header.Get("X-Big-Len") != "" &&
+					(load.size < 0 || r.header.Get("X-Big-Len") == strconv.Itoa(load.size)):
+					atomic.AddInt64(&res.ok, 1)
+				default:
+					atomic.AddInt64(&res.failed, 1)
+					mu.Lock()
+					if res.firstFailure == "" {
+						res.firstFailure = fmt.Sprintf("status %d, x-spoe-error %q, x-big-len %q",
+							r.status, r.header.Get("X-Spoe-Error"), r.header.Get("X-Big-Len"))
+					}
+					mu.Unlock()
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	s := agent.Stats()
+	t.Logf("HAProxy %s, %d-byte answers, %d clients for %v, pipelining kept %v: %d ok, %d failed, %d transport errors; agent: %d ACKs in %d writes",
+		hp.version, load.size, load.clients, load.duration, load.pipelining, res.ok, res.failed, res.transport, s.FramesOut.ACK, s.Writes)
+	return res
+}
+
+// TestE2EBigAnswers: answers from 1 byte to the largest one max-frame-size
+// allows, 40 clients at once, every request answered by the agent on every
+// HAProxy.
+func TestE2EBigAnswers(t *testing.T) {
+	forEachHAProxy(t, func(t *testing.T, hp haproxyBinary) {
+		for _, size := range []int{1, 1000, 4000, 8000, 12000, -1} {
+			name := strconv.Itoa(size)
+			if size < 0 {
+				name = "max"
+			}
+			t.Run(name, func(t *testing.T) {
+				res := runBigAnswers(t, hp, bigAnswerLoad{size: size, clients: 40, duration: 1500 * time.Millisecond})
+				if res.failed != 0 || res.transport != 0 || res.ok == 0 {
+					t.Errorf("%d ok, %d failed (first: %s), %d transport errors; want every request answered",
+						res.ok, res.failed, res.firstFailure, res.transport)
+				}
+			})
+		}
+	})
+}
+
+// TestE2EBigAnswersStallWithPipelining reproduces HAProxy 3.1+'s bug: when
+// the agent answers "pipelining", 12,000-byte answers to 40 clients stall
+// the agent connections (every later request fails after "timeout
+// processing"). HAProxy 2.6 and 3.0 are not affected (and offer "async",
+// so the agent answers "pipelining" to them anyway). Should a HAProxy
+// version fix the bug, this test fails for it: the agent can then pipeline
+// with it again.
+func TestE2EBigAnswersStallWithPipelining(t *testing.T) {
+	forEachHAProxy(t, func(t *testing.T, hp haproxyBinary) {
+		res := runBigAnswers(t, hp, bigAnswerLoad{size: 12000, clients: 40, duration: 1500 * time.Millisecond, pipelining: true})
+		if hp.is26() {
+			if res.failed != 0 || res.transport != 0 || res.ok == 0 {
+				t.Errorf("%d ok, %d failed (first: %s), %d transport errors; want every request answered on the applet engine",
+					res.ok, res.failed, res.firstFailure, res.transport)
+			}
+			return
+		}
+		if res.failed == 0 {
+			t.Errorf("%d requests, none failed: HAProxy %s no longer stalls with pipelining", res.ok, hp.version)
+		}
+	})
+}
