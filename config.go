@@ -66,6 +66,27 @@ func (a *Agent) maxNotifyArgs() int {
 	return a.MaxNotifyArgs
 }
 
+func (a *Agent) maxReassemblyBytes() int {
+	if a.MaxReassemblyBytes <= 0 {
+		return DefaultMaxReassemblyBytes
+	}
+	return a.MaxReassemblyBytes
+}
+
+func (a *Agent) maxACKBacklog() int {
+	if a.MaxACKBacklog <= 0 {
+		return DefaultMaxACKBacklog
+	}
+	return a.MaxACKBacklog
+}
+
+func (a *Agent) maxACKBacklogTotal() int {
+	if a.MaxACKBacklogTotal <= 0 {
+		return DefaultMaxACKBacklogTotal
+	}
+	return a.MaxACKBacklogTotal
+}
+
 func (a *Agent) readTimeout() time.Duration {
 	if a.ReadTimeout <= 0 {
 		return DefaultReadTimeout
@@ -104,6 +125,7 @@ type config struct {
 	logger       logrus.FieldLogger
 	maxFrameSize int
 	maxPerConn   int64
+	maxBacklog   int // MaxACKBacklog
 	readTimeout  time.Duration
 	idleTimeout  time.Duration
 	writeTimeout time.Duration
@@ -123,6 +145,7 @@ func (a *Agent) config() *config {
 		logger:       a.logger(),
 		maxFrameSize: a.maxFrameSize(),
 		maxPerConn:   a.maxInFlightPerConn(),
+		maxBacklog:   a.maxACKBacklog(),
 		readTimeout:  a.readTimeout(),
 		idleTimeout:  a.IdleTimeout,
 		writeTimeout: a.writeTimeout(),

@@ -16,6 +16,14 @@ import (
 // the connection and could lose that frame).
 const lingerTimeout = time.Second
 
+// lingerMaxBytes: a closing connection that discarded that much while it
+// lingers stops waiting for the peer to close as soon as the peer
+// acknowledged every byte the agent sent (on Linux): HAProxy stops sending
+// at the agent's last frame, with at most some 20 NOTIFYs of
+// max-frame-size in flight by then; a peer that sends more is not
+// listening.
+const lingerMaxBytes = 1 << 20
+
 // maxHelloFrame bounds frames before the handshake: a HAPROXY-HELLO is
 // about 130 bytes.
 const maxHelloFrame = 16 << 10
@@ -78,7 +86,7 @@ func newConn(a *Agent, cfg *config, nc net.Conn) *conn {
 	c := &conn{agent: a, cfg: cfg, stats: &a.stats, sched: &a.sched, nc: nc, maxFrame: maxHelloFrame}
 	c.refs.Store(1)
 	c.rd.init(nc, maxHelloFrame)
-	c.wr.init(nc, cfg.writeTimeout, &a.stats)
+	c.wr.init(nc, cfg.writeTimeout, &a.stats, cfg.maxBacklog, &a.backlog)
 	c.slots.init(cfg.maxPerConn)
 	return c
 }
@@ -197,7 +205,19 @@ func (c *conn) nextFrame(f *frame) error {
 		if err := c.rd.armDeadline(idle && c.handshaken, c.cfg.readTimeout, c.cfg.idleTimeout); err != nil {
 			return err
 		}
+		if c.frag.pending() {
+			if err := c.rd.capDeadline(c.frag.deadline); err != nil {
+				return err
+			}
+		}
 		if err := c.rd.fill(); err != nil {
+			if isTimeout(err) && !c.rd.stopped.Load() && c.reassemblyExpired() {
+				// Only the unfinished NOTIFY is given up: the
+				// connection goes on, its next read with a deadline
+				// of its own.
+				c.rd.resetDeadline()
+				continue
+			}
 			return err
 		}
 	}
@@ -237,7 +257,7 @@ func (c *conn) onFrame(f *frame) error {
 }
 
 func (c *conn) onNotify(f *frame) error {
-	if c.frag.active {
+	if c.frag.pending() {
 		return errInterlaced
 	}
 	if !f.fin() {
@@ -247,8 +267,7 @@ func (c *conn) onNotify(f *frame) error {
 		if f.abort() {
 			return nil
 		}
-		c.frag.start(f)
-		c.checkReassembly()
+		c.startReassembly(f)
 		return nil
 	}
 	if f.abort() {
@@ -289,8 +308,9 @@ func (c *conn) onDisconnect(f *frame) error {
 }
 
 // drain handles the frames HAProxy sent before it could learn of the
-// shutdown: those already in the read buffer and in the socket's. A frame
-// that is not whole by then is left.
+// shutdown: those already in the read buffer, and at most the bytes the
+// socket held when the reader was stopped, however much the peer sends
+// since. A frame that is not whole by then is left.
 func (c *conn) drain() error {
 	for {
 		var f frame
@@ -306,9 +326,16 @@ func (c *conn) drain() error {
 				return err
 			}
 		}
-		if !c.rd.fillNow() {
+		// The budget is the reading role's: a rescue during the drain
+		// hands over what is left of it.
+		if c.rd.stopUnread <= 0 {
 			return nil
 		}
+		n := c.rd.fillNow(c.rd.stopUnread)
+		if n == 0 {
+			return nil
+		}
+		c.rd.stopUnread -= n
 	}
 }
 
@@ -405,22 +432,24 @@ func (c *conn) end(err error) {
 		c.disconnect(s, s.String())
 		c.linger()
 	}
+	c.endReassembly()
 	c.closeSocket()
 	c.unref()
 }
 
 // linger waits, briefly, for HAProxy to close after the agent's last frame,
-// discarding what it still sends, so that closing with unread data does not
-// reset the connection before HAProxy read that frame.
+// discarding what it still sends (see lingerTimeout and lingerMaxBytes),
+// so that closing with unread data does not reset the connection before
+// HAProxy read that frame.
 func (c *conn) linger() {
 	c.wr.closeWrite()
 	_ = c.nc.SetReadDeadline(time.Now().Add(lingerTimeout))
-	var buf [512]byte
+	var buf [4096]byte
 	discarded := 0
 	for {
 		n, err := c.nc.Read(buf[:])
 		discarded += n
-		if err != nil {
+		if err != nil || discarded >= lingerMaxBytes && c.rd.sentAndAcked() {
 			break
 		}
 	}

@@ -51,6 +51,10 @@ type frameReader struct {
 
 	stopMu  sync.Mutex // orders deadline changes with stop
 	stopped atomic.Bool
+	// stopUnread: the bytes the socket held, unread, when stop was
+	// called, written before stopped is set; then what is left of them
+	// to drain, the reading role's.
+	stopUnread int
 }
 
 // Read deadline kinds.
@@ -58,6 +62,8 @@ const (
 	deadlineNone  = iota
 	deadlineIdle  // waiting for the next frame
 	deadlineFrame // waiting for the rest of a frame (or for the HELLO)
+
+	deadlineUnknown = -1 // the socket's deadline is not known: set it
 )
 
 // errDraining: the reader was stopped (Agent.Shutdown).
@@ -192,21 +198,26 @@ func (rd *frameReader) fill() error {
 	return err
 }
 
-// fillNow reads what the socket already holds, without waiting (the read
-// deadline may have passed: stop sets it so). It reports whether it read.
-func (rd *frameReader) fillNow() bool {
+// fillNow reads what the socket already holds, at most max bytes,
+// without waiting (the read deadline may have passed: stop sets it so).
+// It returns the bytes read.
+func (rd *frameReader) fillNow(max int) int {
 	if rd.in == nil {
 		rd.in, rd.r, rd.w = getBuffer(0), 0, 0
 	} else if rd.r > 0 {
 		rd.w = copy(rd.in.b, rd.in.b[rd.r:rd.w])
 		rd.r = 0
 	}
-	if rd.w == len(rd.in.b) {
-		return false
+	end := len(rd.in.b)
+	if end-rd.w > max {
+		end = rd.w + max
 	}
-	n := rd.readNow(rd.in.b[rd.w:])
+	if rd.w == end {
+		return 0
+	}
+	n := rd.readNow(rd.in.b[rd.w:end])
 	rd.w += n
-	return n > 0
+	return n
 }
 
 // plainRead reads with the source's Read, for sources without raw access.
@@ -276,6 +287,30 @@ func (rd *frameReader) armDeadline(idle bool, frameTimeout, idleTimeout time.Dur
 	return nil
 }
 
+// capDeadline brings the read deadline forward to at when it is later or
+// unset: a fragmented NOTIFY's deadline (reassembly.go) bounds the reads
+// that wait for its fragments. It returns errDraining once stop was
+// called.
+func (rd *frameReader) capDeadline(at time.Time) error {
+	if rd.dlKind != deadlineNone && rd.dlKind != deadlineUnknown && !rd.dlAt.After(at) {
+		return nil
+	}
+	rd.stopMu.Lock()
+	defer rd.stopMu.Unlock()
+	if rd.stopped.Load() {
+		return errDraining
+	}
+	rd.dlKind, rd.dlAt, rd.dlFrames = deadlineFrame, at, rd.frames
+	if rd.nc != nil {
+		_ = rd.nc.SetReadDeadline(at)
+	}
+	return nil
+}
+
+// resetDeadline makes the next armDeadline set the socket's deadline
+// afresh, whatever it is for.
+func (rd *frameReader) resetDeadline() { rd.dlKind, rd.dlAt = deadlineUnknown, time.Time{} }
+
 // setDeadlineLocked sets the deadline, with stopMu held.
 func (rd *frameReader) setDeadlineLocked(kind int, d time.Duration) {
 	var at time.Time
@@ -290,6 +325,9 @@ func (rd *frameReader) setDeadlineLocked(kind int, d time.Duration) {
 // armDeadline return errDraining. Any goroutine may call it.
 func (rd *frameReader) stop() {
 	rd.stopMu.Lock()
+	if !rd.stopped.Load() {
+		rd.stopUnread = rd.unreadInSocket()
+	}
 	rd.stopped.Store(true)
 	if rd.nc != nil {
 		_ = rd.nc.SetReadDeadline(time.Unix(1, 0))

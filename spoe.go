@@ -122,6 +122,9 @@ const (
 	DefaultMaxEngines         = 4096
 	DefaultMaxNotifyMessages  = 256
 	DefaultMaxNotifyArgs      = 4096
+	DefaultMaxReassemblyBytes = 16 << 20
+	DefaultMaxACKBacklog      = 64 << 10
+	DefaultMaxACKBacklogTotal = 16 << 20
 )
 
 // Agent serves SPOP connections from HAProxy. Its exported fields are its
@@ -180,6 +183,16 @@ type Agent struct {
 	// and thread, new at each reload. Zero means DefaultMaxEngines.
 	MaxEngines int
 
+	// MaxReassemblyBytes limits the bytes that the fragmented NOTIFYs
+	// being joined hold together in the agent (HAProxy 2.6 and 3.0 split a
+	// NOTIFY bigger than max-frame-size in fragments; one is at most 1 MiB
+	// and must be whole within ReadTimeout of its first fragment). A
+	// fragment that would take more is not kept: its NOTIFY is answered
+	// with an aborting ACK, HAProxy fails that event (error 4) and the
+	// connection goes on, as with a NOTIFY above 1 MiB. Zero means
+	// DefaultMaxReassemblyBytes.
+	MaxReassemblyBytes int
+
 	// ReadTimeout bounds the time from accepting a connection to a complete
 	// HAPROXY-HELLO, and from the first byte of a frame to its last. On
 	// expiry after the handshake the agent sends AGENT-DISCONNECT "a timeout
@@ -197,6 +210,21 @@ type Agent struct {
 	// read; the connection is closed on expiry. Zero means
 	// DefaultWriteTimeout.
 	WriteTimeout time.Duration
+
+	// MaxACKBacklog limits the bytes of ACKs waiting on one connection
+	// while a write to it blocks (HAProxy, or a peer, not reading), and
+	// MaxACKBacklogTotal those of every connection together, waiting or
+	// being written after a wait. When either is reached, handlers that
+	// finish on that connection wait to hand their ACK over, keeping their
+	// slots (MaxInFlightPerConn), and the connection stops reading: TCP
+	// holds the peer back until it reads, or WriteTimeout closes the
+	// connection. A connection takes one run of ACKs (the ACKs of one
+	// read, or one handler's) whatever its size when none wait, so it
+	// holds at most max(MaxACKBacklog, one run), and as much again being
+	// written. HAProxy reads its ACKs as they come: neither bound delays
+	// it. Zero means DefaultMaxACKBacklog and DefaultMaxACKBacklogTotal.
+	MaxACKBacklog      int
+	MaxACKBacklogTotal int
 
 	// ErrorVar is the name of the transaction variable the agent sets to
 	// true (txn.<prefix>.<ErrorVar>) in place of the handler's actions when
@@ -232,9 +260,11 @@ type Agent struct {
 	connSlots  chan struct{} // MaxConns semaphore; nil when unlimited
 	goroutines sync.WaitGroup
 
-	engines engines
-	stats   stats
-	logs    logLimiter // rate of the handler failure logs
+	engines      engines
+	reassemblies reassemblyBudget // MaxReassemblyBytes
+	backlog      backlogBudget    // MaxACKBacklogTotal
+	stats        stats
+	logs         logLimiter // rate of the handler failure logs
 
 	sched scheduler // handler slots and scheduling policy (sched.go)
 
@@ -257,6 +287,8 @@ func (a *Agent) init() {
 		a.drained = make(chan struct{})
 		a.engines.agent = a
 		a.sched.slots.init(a.maxInFlight())
+		a.reassemblies.max = int64(a.maxReassemblyBytes())
+		a.backlog.max = int64(a.maxACKBacklogTotal())
 		if a.MaxConns > 0 {
 			a.connSlots = make(chan struct{}, a.MaxConns)
 		}
@@ -441,17 +473,22 @@ func (a *Agent) closeListeners() ([]*conn, error) {
 	return conns, err
 }
 
-// Shutdown stops the agent gracefully: it closes the listeners, lets the
-// handlers that are running finish and their ACKs go out, then sends
-// AGENT-DISCONNECT "normal" on every connection and closes it. The frames
-// HAProxy sent before it could learn of the shutdown are handled if they
-// are whole in the agent's read buffer or, on unix, in the socket's receive
-// buffer by then; the others (a frame not whole yet, or on other systems
-// any frame not read yet) are not: HAProxy sees them fail as the
-// connection closes.
+// Shutdown stops the agent gracefully. At once, it closes the listeners
+// and stops reading on every connection: whatever a peer sends from then
+// on is not handled. Each connection then handles the frames HAProxy sent
+// before it could learn of the shutdown, bounded: those whole in the
+// agent's read buffer, and, on Linux, those whole within the bytes the
+// socket had received by the call (elsewhere on unix, within 64 KiB of
+// them; over TLS and on other systems, none). It lets the handlers running on it
+// finish and writes their ACKs, then sends AGENT-DISCONNECT with status 0
+// "normal" after them, waits for HAProxy to close (at most 1 s, and 1 MiB
+// of what the peer still sends, discarded), and closes. The NOTIFYs left
+// unhandled get no ACK: HAProxy sees them fail as the connection closes.
 //
-// It returns nil once every connection is closed, or ctx.Err() if ctx ends
-// first; Close then ends what is left. Serve returns ErrAgentClosed at once.
+// It returns nil once every connection is closed and every handler has
+// returned, or ctx.Err() if ctx ends first; Close then ends what is left.
+// A peer that does not read its ACKs can hold a connection up to
+// WriteTimeout. Serve returns ErrAgentClosed at once.
 func (a *Agent) Shutdown(ctx context.Context) error {
 	conns, lerr := a.closeListeners()
 	for _, c := range conns {

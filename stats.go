@@ -17,17 +17,18 @@ type stats struct {
 	framesOut [numFrameStats]atomic.Uint64
 	writes    atomic.Uint64
 
-	healthchecks   atomic.Uint64
-	handlerErrors  atomic.Uint64
-	handlerPanics  atomic.Uint64
-	actionsRefused atomic.Uint64
-	acksDropped    atomic.Uint64
-	acksRerouted   atomic.Uint64
-	rescues        atomic.Uint64
-	protocolErrors atomic.Uint64
-	notifyTooBig   atomic.Uint64
-	asyncRefused   atomic.Uint64
-	notifyRefused  atomic.Uint64
+	healthchecks       atomic.Uint64
+	handlerErrors      atomic.Uint64
+	handlerPanics      atomic.Uint64
+	actionsRefused     atomic.Uint64
+	acksDropped        atomic.Uint64
+	acksRerouted       atomic.Uint64
+	rescues            atomic.Uint64
+	protocolErrors     atomic.Uint64
+	notifyTooBig       atomic.Uint64
+	reassemblyTimeouts atomic.Uint64
+	asyncRefused       atomic.Uint64
+	notifyRefused      atomic.Uint64
 
 	disconnectsIn  [numStatusStats]atomic.Uint64
 	disconnectsOut [numStatusStats]atomic.Uint64
@@ -152,7 +153,8 @@ type Stats struct {
 	ACKsRerouted   uint64 // ACKs sent on another connection of their engine (async)
 	Rescues        uint64 // handlers that outlasted the inline budget
 	ProtocolErrors uint64 // connections closed for a protocol error
-	NotifyTooBig   uint64 // fragmented NOTIFYs aborted for their size
+	NotifyTooBig   uint64 // fragmented NOTIFYs aborted for their size (1 MiB, or MaxReassemblyBytes in all)
+	NotifyTimeouts uint64 // fragmented NOTIFYs aborted as unfinished within ReadTimeout
 	AsyncRefused   uint64 // connections served without async: MaxEngines reached
 	NotifyRefused  uint64 // NOTIFYs the simple API did not decode: MaxNotifyMessages or MaxNotifyArgs
 
@@ -231,6 +233,7 @@ func (a *Agent) Stats() Stats {
 		Rescues:        s.rescues.Load(),
 		ProtocolErrors: s.protocolErrors.Load(),
 		NotifyTooBig:   s.notifyTooBig.Load(),
+		NotifyTimeouts: s.reassemblyTimeouts.Load(),
 		AsyncRefused:   s.asyncRefused.Load(),
 		NotifyRefused:  s.notifyRefused.Load(),
 		DisconnectsIn:  statusCounts(&s.disconnectsIn),

@@ -3,6 +3,7 @@ package spoe
 import (
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/pkg/errors"
@@ -15,13 +16,28 @@ import (
 // gathered and leave together in its next write, so that a burst costs one
 // write, not one per frame.
 //
+// The frames gathered while a write blocks (a peer that does not read)
+// are bounded: beyond maxPending bytes for the connection, or the agent's
+// backlog budget for the frames pending and being written from pending in
+// all connections, a goroutine that brings more waits until the write
+// under way takes them or ends (written, or failed at its WriteTimeout).
+// A handler's goroutine so holds its slot, and the reading goroutine stops
+// reading: the peer is held back by TCP. The waiters only wait while a
+// write of their own connection is under way: when none is, they write
+// themselves, so that one big ACK never waits forever, and frames written
+// so are their caller's (an in-flight ACK, or the reading role's gathered
+// ones), not the backlog's.
+//
 // Ownership: any goroutine may call write and closeWrite. mu guards
 // writing, closed and pending; dlAt belongs to the goroutine that set
-// writing; nc, timeout and stats are set before the connection is served.
+// writing; nc, timeout, stats, maxPending and budget are set before the
+// connection is served.
 type frameWriter struct {
-	nc      net.Conn
-	timeout time.Duration
-	stats   *stats
+	nc         net.Conn
+	timeout    time.Duration
+	stats      *stats
+	maxPending int            // MaxACKBacklog
+	budget     *backlogBudget // the agent's: MaxACKBacklogTotal
 
 	mu      sync.Mutex
 	cond    sync.Cond // signalled when writing ends
@@ -46,9 +62,55 @@ type writeError struct {
 func (e *writeError) Error() string { return "spoe: write: " + e.err.Error() }
 func (e *writeError) Unwrap() error { return e.err }
 
-func (fw *frameWriter) init(nc net.Conn, timeout time.Duration, st *stats) {
+// testHookBacklogWait, when set by a test, is called with the writer's
+// mutex held each time a goroutine waits for room.
+var testHookBacklogWait atomic.Pointer[func()]
+
+// backlogBudget counts the bytes pending in every writer of the agent.
+type backlogBudget struct {
+	max  int64
+	used atomic.Int64
+}
+
+func (fw *frameWriter) init(nc net.Conn, timeout time.Duration, st *stats, maxPending int, budget *backlogBudget) {
 	fw.nc, fw.timeout, fw.stats = nc, timeout, st
+	fw.maxPending, fw.budget = maxPending, budget
 	fw.cond.L = &fw.mu
+}
+
+// full reports whether n more pending bytes would exceed the bounds, with
+// mu held: the connection's (a run is taken whatever its size when
+// nothing is pending) or the agent's (pending and being written).
+func (fw *frameWriter) full(n int) bool {
+	if len(fw.pending) > 0 && len(fw.pending)+n > fw.maxPending {
+		return true
+	}
+	return fw.budget != nil && fw.budget.used.Load()+int64(n) > fw.budget.max
+}
+
+// release gives back to the agent's budget n bytes written or dropped.
+func (fw *frameWriter) release(n int) {
+	if fw.budget != nil && n > 0 {
+		fw.budget.used.Add(-int64(n))
+	}
+}
+
+// addPending appends frames to those pending, with mu held.
+func (fw *frameWriter) addPending(frames []byte) {
+	fw.pending = append(fw.pending, frames...)
+	if fw.budget != nil {
+		fw.budget.used.Add(int64(len(frames)))
+	}
+}
+
+// takePending hands the pending frames to the writer, with mu held, and
+// wakes the goroutines waiting for room. They stay counted in the agent's
+// budget until written.
+func (fw *frameWriter) takePending() []byte {
+	p := fw.pending
+	fw.pending = nil
+	fw.cond.Broadcast()
+	return p
 }
 
 // write sends whole frames, or gathers them into the write under way.
@@ -58,6 +120,12 @@ func (fw *frameWriter) init(nc net.Conn, timeout time.Duration, st *stats) {
 // (the write side is then closed), else nil.
 func (fw *frameWriter) write(frames []byte, last bool) error {
 	fw.mu.Lock()
+	for fw.writing && !fw.closed && fw.full(len(frames)) {
+		if hook := testHookBacklogWait.Load(); hook != nil {
+			(*hook)()
+		}
+		fw.cond.Wait() // back-pressure: see frameWriter
+	}
 	if fw.closed {
 		fw.mu.Unlock()
 		return errWriteClosed
@@ -66,7 +134,7 @@ func (fw *frameWriter) write(frames []byte, last bool) error {
 		fw.closed = true
 	}
 	if fw.writing {
-		fw.pending = append(fw.pending, frames...)
+		fw.addPending(frames)
 		fw.mu.Unlock()
 		return nil
 	}
@@ -77,10 +145,13 @@ func (fw *frameWriter) write(frames []byte, last bool) error {
 	for {
 		n, err := fw.writeOut(batch)
 		fw.mu.Lock()
+		if owned {
+			fw.release(len(batch))
+		}
 		if err != nil {
 			fw.closed = true
-			lost := append(append([]byte(nil), unwritten(batch, n)...), fw.pending...)
-			fw.pending = nil
+			fw.release(len(fw.pending))
+			lost := append(append([]byte(nil), unwritten(batch, n)...), fw.takePending()...)
 			fw.writing = false
 			fw.cond.Broadcast()
 			fw.mu.Unlock()
@@ -95,8 +166,7 @@ func (fw *frameWriter) write(frames []byte, last bool) error {
 			fw.mu.Unlock()
 			return nil
 		}
-		next := fw.pending
-		fw.pending = nil
+		next := fw.takePending()
 		if owned {
 			fw.pending = batch[:0]
 		}
@@ -147,6 +217,7 @@ func (fw *frameWriter) waitIdle() {
 func (fw *frameWriter) close() {
 	fw.mu.Lock()
 	fw.closed = true
+	fw.cond.Broadcast()
 	fw.mu.Unlock()
 }
 
@@ -164,10 +235,20 @@ func (c *conn) outBuf() []byte {
 	return c.out.b
 }
 
-// gather adds frames to those written before the next blocking read.
+// maxGathered bounds the ACKs the reading role gathers before it writes
+// them (the pooled output buffers are kept up to that size).
+const maxGathered = 64 << 10
+
+// gather adds frames to those written before the next blocking read; a
+// run of ACKs past maxGathered is written at once (and waits, if the peer
+// does not read: see frameWriter).
 func (c *conn) gather(frames []byte) {
 	b := c.outBuf() // before c.out is read: it may take the buffer
 	c.out.b = append(b, frames...)
+	if len(c.out.b) > maxGathered {
+		c.disarm()
+		_ = c.flush() // a failure ends the connection: see write
+	}
 }
 
 // flush writes the gathered frames.
