@@ -6,6 +6,22 @@ import (
 	"github.com/sirupsen/logrus"
 )
 
+// Defaults of the Agent's zero-valued fields.
+const (
+	DefaultMaxFrameSize       = 1 << 20
+	DefaultMaxInFlight        = 1024
+	DefaultMaxInFlightPerConn = 64
+	DefaultReadTimeout        = 10 * time.Second
+	DefaultWriteTimeout       = 10 * time.Second
+	DefaultErrorVar           = "error"
+	DefaultMaxEngines         = 4096
+	DefaultMaxNotifyMessages  = 256
+	DefaultMaxNotifyArgs      = 4096
+	DefaultMaxReassemblyBytes = 16 << 20
+	DefaultMaxACKBacklog      = 64 << 10
+	DefaultMaxACKBacklogTotal = 16 << 20
+)
+
 // The Agent's fields read through their defaults, never written back.
 
 func (a *Agent) handler() Handler {

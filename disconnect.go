@@ -168,3 +168,34 @@ func (c *conn) goodbye() {
 	}
 	c.disconnect(StatusNormal, StatusNormal.String())
 }
+
+// onDisconnect answers HAProxy's DISCONNECT with its own status.
+func (c *conn) onDisconnect(f *frame) error {
+	d, err := parseDisconnect(f.payload)
+	if err != nil {
+		return err
+	}
+	c.stats.countDisconnect(d.status, true)
+	entry := c.log().WithField("status", uint32(d.status)).WithField("message", d.message)
+	if d.status == StatusNormal || d.status == StatusTimeout {
+		entry.Debug("spoe: HAProxy closed the connection")
+	} else {
+		entry.Warn("spoe: HAProxy closed the connection on an error")
+	}
+	// HAProxy reads nothing but the AGENT-DISCONNECT from now on: with
+	// async, the ACKs gathered go to another connection of the engine,
+	// once this one takes no more frames (the AGENT-DISCONNECT closes it
+	// for writing), so that the engine cannot choose it.
+	var held []byte
+	if c.engine != nil && c.out != nil && len(c.out.b) > 0 {
+		held = append(held, c.out.b...)
+		c.out.b = c.out.b[:0]
+	} else {
+		_ = c.flush()
+	}
+	c.disconnect(d.status, d.status.String())
+	if held != nil {
+		c.reroute(held)
+	}
+	return errPeerClosed
+}

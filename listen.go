@@ -12,7 +12,9 @@ import (
 	"net"
 	"os"
 	"strings"
+	"sync"
 	"syscall"
+	"time"
 )
 
 // DefaultSocketMode is the permission of the unix socket files Listen
@@ -138,4 +140,32 @@ func removeStaleSocket(path string) error {
 		return fmt.Errorf("spoe: listen: removing the stale socket: %w", err)
 	}
 	return nil
+}
+
+// closeOnce is a listener whose Close closes it once and reports that
+// close's result to every caller.
+type closeOnce struct {
+	net.Listener
+	once sync.Once
+	err  error
+}
+
+func (l *closeOnce) Close() error {
+	l.once.Do(func() { l.err = l.Listener.Close() })
+	return l.err
+}
+
+func isTemporary(err error) bool {
+	t, ok := err.(interface{ Temporary() bool })
+	return ok && t.Temporary()
+}
+
+func nextBackoff(d time.Duration) time.Duration {
+	if d == 0 {
+		return 5 * time.Millisecond
+	}
+	if d *= 2; d > time.Second {
+		d = time.Second
+	}
+	return d
 }

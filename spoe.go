@@ -111,22 +111,6 @@ import (
 // Close.
 var ErrAgentClosed = errors.New("spoe: Agent closed")
 
-// Defaults of the Agent's zero-valued fields.
-const (
-	DefaultMaxFrameSize       = 1 << 20
-	DefaultMaxInFlight        = 1024
-	DefaultMaxInFlightPerConn = 64
-	DefaultReadTimeout        = 10 * time.Second
-	DefaultWriteTimeout       = 10 * time.Second
-	DefaultErrorVar           = "error"
-	DefaultMaxEngines         = 4096
-	DefaultMaxNotifyMessages  = 256
-	DefaultMaxNotifyArgs      = 4096
-	DefaultMaxReassemblyBytes = 16 << 20
-	DefaultMaxACKBacklog      = 64 << 10
-	DefaultMaxACKBacklogTotal = 16 << 20
-)
-
 // Agent serves SPOP connections from HAProxy. Its exported fields are its
 // configuration; set them before Serve and do not change them after. The
 // zero value of each field works.
@@ -366,34 +350,6 @@ func (a *Agent) Serve(l net.Listener) error {
 		a.goroutines.Add(1)
 		go c.serve()
 	}
-}
-
-// closeOnce is a listener whose Close closes it once and reports that
-// close's result to every caller.
-type closeOnce struct {
-	net.Listener
-	once sync.Once
-	err  error
-}
-
-func (l *closeOnce) Close() error {
-	l.once.Do(func() { l.err = l.Listener.Close() })
-	return l.err
-}
-
-func isTemporary(err error) bool {
-	t, ok := err.(interface{ Temporary() bool })
-	return ok && t.Temporary()
-}
-
-func nextBackoff(d time.Duration) time.Duration {
-	if d == 0 {
-		return 5 * time.Millisecond
-	}
-	if d *= 2; d > time.Second {
-		d = time.Second
-	}
-	return d
 }
 
 func (a *Agent) trackListener(l *net.Listener, add bool) bool {
