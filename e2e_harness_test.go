@@ -65,6 +65,12 @@ type haproxyBinary struct {
 	version      string // as "-v" prints it, e.g. 2.6.12-1+deb12u4
 }
 
+// hasFeature reports whether "-vv" lists +feature (e.g. OPENSSL).
+func (b haproxyBinary) hasFeature(feature string) bool {
+	out, err := exec.Command(b.path, "-vv").Output()
+	return err == nil && strings.Contains(string(out), " +"+feature+" ")
+}
+
 // is26 reports whether this is the applet engine of 2.6 to 3.0
 // (flt_spoe.c alone); otherwise it is the 3.1+ multiplexer (mux_spop.c).
 func (b haproxyBinary) is26() bool { return b.major < 3 || (b.major == 3 && b.minor == 0) }
