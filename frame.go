@@ -57,6 +57,9 @@ const (
 	lengthSize = 4
 	// minFrameLength is the smallest LENGTH: type, flags and two 1-byte ids.
 	minFrameLength = 1 + 4 + 1 + 1
+	// maxFrameHeader bounds a frame's header after its LENGTH: type,
+	// flags and the two ids' varints.
+	maxFrameHeader = 1 + 4 + 10 + 10
 	// MinFrameSize is the smallest max-frame-size SPOP allows.
 	MinFrameSize = 256
 )

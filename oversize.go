@@ -41,7 +41,3 @@ func (c *conn) oversized(err error) (skip bool, _ error) {
 	c.rd.skipFrame(lengthSize + int(length))
 	return true, nil
 }
-
-// maxFrameHeader bounds a frame's header after its LENGTH: type, flags
-// and the two ids' varints.
-const maxFrameHeader = 1 + 4 + 10 + 10
