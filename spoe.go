@@ -126,10 +126,28 @@ type Agent struct {
 	// not fit. Zero means DefaultMaxFrameSize; values below 256 mean 256.
 	MaxFrameSize int
 
-	// MaxConns limits the connections served at once. When it is reached
-	// the agent stops accepting until a connection ends, and new ones wait
-	// in the listen backlog. Zero means no limit.
+	// MaxConns limits the connections served at once, idle ones included.
+	// When it is reached the agent stops accepting until a connection
+	// ends, and new ones wait in the listen backlog (HAProxy's connect
+	// succeeds; its HELLO is answered once the connection is accepted).
+	// HAProxy 3.1+ opens a connection for each event it processes at once
+	// (the agent does not pipeline to it) and keeps them idle in its pool;
+	// 2.6 and 3.0 keep a few per thread and engine. Zero means
+	// DefaultMaxConns; a negative value means no limit.
 	MaxConns int
+
+	// MaxBufferBytes limits the bytes that the agent's buffers for frames
+	// hold at once, in all connections: the read buffers (32 KiB for a
+	// frame of HAProxy's default tune.bufsize, taken only while a
+	// connection reads or handles a frame: an idle connection holds none),
+	// the buffers ACKs are gathered in, the copies of frames handed to
+	// handlers running in goroutines of their own, and what the simple
+	// API's decoded messages cost. When it is reached, nothing is refused:
+	// a connection with bytes to read waits before it reads them (TCP
+	// holds HAProxy back), within the frame's ReadTimeout; a frame runs
+	// inline rather than be copied; a decoding waits for another to end.
+	// Zero means DefaultMaxBufferBytes.
+	MaxBufferBytes int
 
 	// MaxInFlight limits the NOTIFY frames being handled at once in the
 	// whole agent; when it is reached, connections stop reading until a
@@ -245,6 +263,7 @@ type Agent struct {
 	goroutines sync.WaitGroup
 
 	engines      engines
+	buffers      bufferBudget     // MaxBufferBytes
 	reassemblies reassemblyBudget // MaxReassemblyBytes
 	backlog      backlogBudget    // MaxACKBacklogTotal
 	stats        stats
@@ -273,8 +292,9 @@ func (a *Agent) init() {
 		a.sched.slots.init(a.maxInFlight())
 		a.reassemblies.max = int64(a.maxReassemblyBytes())
 		a.backlog.max = int64(a.maxACKBacklogTotal())
-		if a.MaxConns > 0 {
-			a.connSlots = make(chan struct{}, a.MaxConns)
+		a.buffers.max = int64(a.maxBufferBytes())
+		if n := a.maxConns(); n > 0 {
+			a.connSlots = make(chan struct{}, n)
 		}
 	})
 }
@@ -340,6 +360,7 @@ func (a *Agent) Serve(l net.Listener) error {
 		}
 		backoff = 0
 		c := newConn(a, cfg, nc)
+		c.connSlot = a.connSlots != nil
 		if !a.trackConn(c, true) {
 			nc.Close()
 			if a.connSlots != nil {
@@ -388,10 +409,11 @@ func (a *Agent) trackConn(c *conn, add bool) bool {
 }
 
 // connClosed accounts for a closed socket: it no longer counts as open nor
-// against MaxConns, even while handlers that ran on it finish.
-func (a *Agent) connClosed() {
+// against MaxConns (slot: it took one), even while handlers that ran on it
+// finish.
+func (a *Agent) connClosed(slot bool) {
 	a.stats.connsOpen.Add(-1)
-	if a.connSlots != nil {
+	if slot {
 		<-a.connSlots
 	}
 }
