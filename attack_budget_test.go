@@ -89,20 +89,22 @@ func TestBufferBudget(t *testing.T) {
 }
 
 // unfinishedFrame is the start of a NOTIFY of length bytes (LENGTH
-// included in neither), the rest never sent.
-func unfinishedFrame(length int) []byte {
+// included in neither), fill bytes of its body, the rest never sent.
+func unfinishedFrame(length, fill int) []byte {
 	b := make([]byte, 4, 64)
 	binary.BigEndian.PutUint32(b, uint32(length))
 	b = append(b, aNotify, 0, 0, 0, aFin, 1, 1)
-	return append(b, make([]byte, 32)...)
+	return append(b, make([]byte, fill)...)
 }
 
 // budgetAttack connects n peers that announce a max-frame-size of 2 MiB
 // (the agent answers MaxFrameSize, 1 MiB) and send the start of a frame
 // of 1 MiB, never its end: each needs a 2 MiB buffer, so that the budget
 // is spent by a few of them and the others wait for it. It returns once
-// every frame start is sent and the budget spent.
+// every frame start is sent and the budget spent. SPOE_ATTACK_BUDGET_FILL
+// sets how much of each frame is sent (32 bytes).
 func budgetAttack(t *testing.T, a *Agent, addr string, n int) []*attacker {
+	fill := attackSize(t, "SPOE_ATTACK_BUDGET_FILL", 32, 32)
 	peers := make([]*attacker, n)
 	var wg sync.WaitGroup
 	errs := make(chan error, 2*n)
@@ -129,7 +131,7 @@ func budgetAttack(t *testing.T, a *Agent, addr string, n int) []*attacker {
 		wg.Add(1)
 		go func(p *attacker) {
 			defer wg.Done()
-			errs <- p.send(unfinishedFrame(DefaultMaxFrameSize))
+			errs <- p.send(unfinishedFrame(DefaultMaxFrameSize, fill))
 		}(p)
 	}
 	wg.Wait()

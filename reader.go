@@ -17,8 +17,9 @@ import (
 // and the client's (client.go). It reads into a pooled buffer, as much as
 // the socket holds, and returns each whole frame as a view of that buffer.
 // A frame's LENGTH is checked against the negotiated max-frame-size before
-// any of its body is awaited, and the buffer grows with the bytes that
-// arrive, not with what a LENGTH claims. With nothing unread, the buffer
+// any of its body is awaited; a frame that does not fit the buffer gets
+// one of its size at once (so that a reader never waits for the budget
+// twice for one frame). With nothing unread, the buffer
 // is given back before the next blocking read; on unix the read takes one
 // only once the socket is readable (rawread_unix.go), so an idle
 // connection holds no read buffer.
@@ -32,7 +33,7 @@ import (
 // a frame waits within the frame's read deadline. Bytes read before the
 // reader could take a buffer wait in head.
 //
-// Ownership: every field but stopMu and stopped belongs to the goroutine
+// Ownership: every field but stopMu, stopped and stopCh belongs to the goroutine
 // that holds the connection's reading role: for the agent, the one running
 // conn.loop (see sched.go for how the role may move); for the client, its
 // readLoop. stop may be called from any goroutine.
@@ -320,19 +321,24 @@ func (rd *frameReader) fillNow(max int) int {
 	return n
 }
 
-// plainRead reads with the source's Read, for sources without raw access:
-// the reader takes its buffer before it waits for bytes (waiting for the
-// budget within the read deadline).
+// plainRead reads with the source's Read, for sources without raw access
+// (TLS). The agent's reader holds no buffer while it waits for a frame: it
+// reads the frame's first bytes into head, then takes its buffer (waiting
+// for the budget within the read deadline).
 func (rd *frameReader) plainRead() (int, error) {
 	if rd.in == nil {
-		var at time.Time
-		if rd.dlKind != deadlineNone && rd.dlKind != deadlineUnknown {
-			at = rd.dlAt
+		if rd.budget == nil {
+			rd.in, rd.r, rd.w = getBuffer(0), 0, 0
+		} else {
+			if rd.headN == 0 {
+				n, err := rd.src.Read(rd.head[:])
+				if n <= 0 {
+					return 0, err
+				}
+				rd.headN = n // an error with them comes again at the next read
+			}
+			return rd.waitHead()
 		}
-		if err := rd.budget.take(minBufferSize, rd.stopChan(), at); err != nil {
-			return 0, err
-		}
-		rd.takeBuffer()
 	}
 	return rd.src.Read(rd.in.b[rd.w:])
 }
