@@ -7,6 +7,7 @@ package spoe
 import (
 	"context"
 	"encoding/binary"
+	"net"
 	"os"
 	"sync"
 	"testing"
@@ -281,4 +282,45 @@ func TestTinyBufferBudgetServesAll(t *testing.T) {
 	waitFor(t, func() bool { return a.buffers.used.Load() == 0 }, "the budget all given back")
 	assert.Zero(t, a.buffers.decodes.Load())
 	assert.Zero(t, a.Stats().HandlerErrors)
+}
+
+// TestPlainReaderWaitsForBudget: a reader without raw socket access (TLS,
+// a pipe) holds no buffer while it waits for a frame: it reads the
+// LENGTH, then waits for the budget, woken when bytes are given back, or
+// ended by stop.
+func TestPlainReaderWaitsForBudget(t *testing.T) {
+	b := &bufferBudget{max: minBufferSize}
+	require.True(t, b.tryTake(minBufferSize)) // spent
+	frame := appendFrame(nil, frameNotify, flagFin, 7, 1, []byte("payload"))
+
+	read := func() (*frameReader, net.Conn, chan error) {
+		client, server := net.Pipe()
+		t.Cleanup(func() { client.Close(); server.Close() })
+		rd := &frameReader{}
+		rd.init(server, 1024)
+		rd.budget, rd.frameTimeout = b, time.Minute
+		done := make(chan error, 1)
+		go func() {
+			f, err := rd.next()
+			if err == nil && (f.streamID != 7 || string(f.payload) != "payload") {
+				err = os.ErrInvalid
+			}
+			done <- err
+		}()
+		return rd, client, done
+	}
+	_, client, done := read()
+	go func() { _, _ = client.Write(frame) }()
+	waitFor(t, func() bool { return b.waiting.Load() == 1 }, "the reader waiting with its LENGTH read")
+	b.release(minBufferSize)
+	require.NoError(t, <-done, "woken when the budget is given back")
+
+	// The first reader holds the budget now, with the frame it returned.
+	rd, client, done := read()
+	go func() { _, _ = client.Write(frame) }()
+	waitFor(t, func() bool { return b.waiting.Load() == 1 }, "the second reader waiting")
+	rd.stop()
+	require.ErrorIs(t, <-done, errDraining, "ended by stop")
+	assert.Zero(t, b.waiting.Load())
+	assert.EqualValues(t, minBufferSize, b.used.Load(), "the stopped reader holds nothing")
 }

@@ -453,6 +453,16 @@ func (c *conn) closeSocket() {
 	})
 }
 
+// connClosed accounts for a closed socket: it no longer counts as open nor
+// against MaxConns (slot: it took one), even while handlers that ran on it
+// finish.
+func (a *Agent) connClosed(slot bool) {
+	a.stats.connsOpen.Add(-1)
+	if slot {
+		<-a.connSlots
+	}
+}
+
 // unref drops one reference; the last one forgets the connection.
 func (c *conn) unref() {
 	if c.refs.Add(-1) != 0 {

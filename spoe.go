@@ -126,27 +126,21 @@ type Agent struct {
 	// not fit. Zero means DefaultMaxFrameSize; values below 256 mean 256.
 	MaxFrameSize int
 
-	// MaxConns limits the connections served at once, idle ones included.
-	// When it is reached the agent stops accepting until a connection
-	// ends, and new ones wait in the listen backlog (HAProxy's connect
-	// succeeds; its HELLO is answered once the connection is accepted).
-	// HAProxy 3.1+ opens a connection for each event it processes at once
-	// (the agent does not pipeline to it) and keeps them idle in its pool;
-	// 2.6 and 3.0 keep a few per thread and engine. Zero means
+	// MaxConns limits the connections served at once, idle ones included
+	// (HAProxy 3.1+ opens one per event it processes at once and keeps them
+	// in its pool; 2.6 and 3.0 a few per thread and engine). Beyond it, new
+	// connections wait in the listen backlog until one ends. Zero means
 	// DefaultMaxConns; a negative value means no limit.
 	MaxConns int
 
-	// MaxBufferBytes limits the bytes that the agent's buffers for frames
-	// hold at once, in all connections: the read buffers (32 KiB for a
-	// frame of HAProxy's default tune.bufsize, taken only while a
-	// connection reads or handles a frame: an idle connection holds none),
-	// the buffers ACKs are gathered in, the copies of frames handed to
-	// handlers running in goroutines of their own, and what the simple
-	// API's decoded messages cost. When it is reached, nothing is refused:
-	// a connection with bytes to read waits before it reads them (TCP
-	// holds HAProxy back), within the frame's ReadTimeout; a frame runs
-	// inline rather than be copied; a decoding waits for another to end.
-	// Zero means DefaultMaxBufferBytes.
+	// MaxBufferBytes limits the bytes held at once, in all connections, by
+	// read buffers (32 KiB for HAProxy's default frames, held only while a
+	// frame is read or handled), gathered ACKs, copies of frames for
+	// handlers in goroutines of their own and the simple API's decoded
+	// messages. At the bound nothing is refused: a connection with bytes to
+	// read waits before reading them (TCP holds HAProxy back), within the
+	// frame's ReadTimeout; a frame runs inline rather than be copied; a
+	// decoding waits for another. Zero means DefaultMaxBufferBytes.
 	MaxBufferBytes int
 
 	// MaxInFlight limits the NOTIFY frames being handled at once in the
@@ -164,14 +158,14 @@ type Agent struct {
 	// is some 75 bytes, an argument some 80 beyond its value, so that a
 	// NOTIFY of 1 MiB of empty messages would decode to 37 MiB; within the
 	// defaults, the decoded messages cost at most the frame's bytes and
-	// some 0.35 MiB. A NOTIFY
-	// with more messages, or more arguments in all, is not decoded nor
-	// handed to the handler: it is answered at once with the error
+	// some 0.35 MiB (counted in MaxBufferBytes while the handler runs). A
+	// NOTIFY with more messages, or more arguments in all, is not decoded
+	// nor handed to the handler: it is answered at once with the error
 	// variable (see ErrorVar), as a failing handler is, counted in
 	// Stats.NotifyRefused and logged (rate-limited). HAProxy sends one
 	// message per spoe-message of the event or group, each with the
-	// arguments its configuration lists (255 at most). The zero-copy
-	// Handler reads the frame in place and is not bound by them. Zero means
+	// arguments its configuration lists (255 at most). The zero-copy Handler
+	// reads the frame in place and is not bound by them. Zero means
 	// DefaultMaxNotifyMessages and DefaultMaxNotifyArgs.
 	MaxNotifyMessages int
 	MaxNotifyArgs     int
@@ -406,16 +400,6 @@ func (a *Agent) trackConn(c *conn, add bool) bool {
 		a.closeDrained()
 	}
 	return true
-}
-
-// connClosed accounts for a closed socket: it no longer counts as open nor
-// against MaxConns (slot: it took one), even while handlers that ran on it
-// finish.
-func (a *Agent) connClosed(slot bool) {
-	a.stats.connsOpen.Add(-1)
-	if slot {
-		<-a.connSlots
-	}
 }
 
 func (a *Agent) closeDrained() {
