@@ -294,9 +294,9 @@ type budgetWaiter struct {
 }
 
 // tryTake takes n bytes if they are free and nobody waits. A nil budget
-// takes anything.
+// takes anything, and nothing is always taken.
 func (b *bufferBudget) tryTake(n int) bool {
-	if b == nil {
+	if b == nil || n == 0 {
 		return true
 	}
 	for b.waiting.Load() == 0 {
