@@ -179,6 +179,9 @@ func TestAttackBufferBudget(t *testing.T) {
 	peers := budgetAttack(t, a, addr, n)
 	held := liveHeap()
 	used, waiting := a.buffers.used.Load(), a.buffers.waiting.Load()
+	st := a.Stats()
+	assert.Equal(t, used, st.BufferBytes, "in Stats")
+	assert.EqualValues(t, waiting, st.BufferWaiting, "in Stats")
 
 	good := attack(t, addr)
 	require.NoError(t, good.send(aHello("pipelining", "good", 16380)))
