@@ -220,8 +220,17 @@ func (rd *frameReader) waitHead() (int, error) {
 			size = bufferSize(lengthSize + int(length))
 		}
 	}
-	if err := rd.budget.take(size, rd.stopChan(), rd.waitDeadline()); err != nil {
+	at := rd.waitDeadline()
+	if err := rd.budget.take(size, rd.stopChan(), at); err != nil {
 		return 0, err
+	}
+	if !at.IsZero() && rd.nc != nil {
+		// The frame's deadline runs from its first byte, the wait
+		// included: it is not armed afresh for the rest of the frame.
+		if err := rd.capDeadline(at); err != nil {
+			rd.budget.release(size)
+			return 0, err
+		}
 	}
 	n := rd.headN
 	rd.in = getBuffer(size)
