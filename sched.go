@@ -316,15 +316,19 @@ func (c *conn) handle(streamID, frameID uint64, payload []byte) error {
 
 // copyFrame copies a dispatched frame's payload into ex.frame if the
 // budget has room for the copy, and reports whether it did.
+// A pooled exchange's copy buffer is kept when it is not more than twice
+// the size the frame needs, so that a small frame is not counted at the
+// size of a big one before it.
 func (c *conn) copyFrame(ex *exchange, payload []byte) bool {
 	n, cost := len(payload), cap(ex.frame)
-	if cost < n {
+	fresh := cost < n || cost > 2*allocSize(n)
+	if fresh {
 		cost = allocSize(n)
 	}
 	if !c.agent.buffers.tryTake(cost) {
 		return false
 	}
-	if cap(ex.frame) < n {
+	if fresh {
 		ex.frame = make([]byte, n)
 	}
 	ex.frame = append(ex.frame[:0], payload...)
