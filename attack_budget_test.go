@@ -128,11 +128,12 @@ func budgetAttack(t *testing.T, a *Agent, addr string, n int) []*attacker {
 	}
 	wg.Wait()
 	// Every peer handshaken first: a HELLO, too, waits for the budget.
+	start := unfinishedFrame(DefaultMaxFrameSize, fill) // one for all: the client's memory is measured too
 	for _, p := range peers {
 		wg.Add(1)
 		go func(p *attacker) {
 			defer wg.Done()
-			errs <- p.send(unfinishedFrame(DefaultMaxFrameSize, fill))
+			errs <- p.send(start)
 		}(p)
 	}
 	wg.Wait()
