@@ -14,7 +14,7 @@ import (
 // newTestWriter returns a writer building the ACK of (sid, fid).
 func newTestWriter(sid, fid uint64, maxFrame int) *ActionWriter {
 	w := &ActionWriter{}
-	w.reset(nil, sid, fid, maxFrame, 0)
+	w.reset(nil, sid, fid, maxFrame, 0, 0)
 	return w
 }
 
@@ -205,7 +205,7 @@ func TestSettersNoAlloc(t *testing.T) {
 	w := newTestWriter(1, 1, 16380)
 	host := []byte("h00000001.example.com")
 	allocs := testing.AllocsPerRun(1000, func() {
-		w.reset(w.buf[:0], 12345, 1, 16380, 0)
+		w.reset(w.buf[:0], 12345, 1, 16380, 0, 0)
 		_ = w.SetInt(VarScopeSession, "score", 100)
 		_ = w.SetStringBytes(VarScopeTransaction, "host", host)
 		_ = w.SetBool(VarScopeTransaction, "ok", true)
@@ -221,7 +221,7 @@ func BenchmarkEncodeACK(b *testing.B) {
 		w := newTestWriter(1, 1, 16380)
 		b.ReportAllocs()
 		for i := 0; i < b.N; i++ {
-			w.reset(w.buf[:0], uint64(i), 1, 16380, 0)
+			w.reset(w.buf[:0], uint64(i), 1, 16380, 0, 0)
 			_ = w.SetInt(VarScopeSession, "score", 100)
 			_ = w.SetStringBytes(VarScopeTransaction, "host", host)
 			_ = w.SetBool(VarScopeTransaction, "ok", true)
@@ -232,7 +232,7 @@ func BenchmarkEncodeACK(b *testing.B) {
 		w := newTestWriter(1, 1, 16380)
 		b.ReportAllocs()
 		for i := 0; i < b.N; i++ {
-			w.reset(w.buf[:0], uint64(i), 1, 16380, 0)
+			w.reset(w.buf[:0], uint64(i), 1, 16380, 0, 0)
 			actions := []Action{
 				ActionSetVar{Name: "score", Scope: VarScopeSession, Value: 100},
 				ActionSetVar{Name: "host", Scope: VarScopeTransaction, Value: string(host)},
@@ -244,4 +244,45 @@ func BenchmarkEncodeACK(b *testing.B) {
 			_ = w.finish()
 		}
 	})
+}
+
+// TestActionWriterPipelineCap: with a cap, an ACK of exactly the cap's
+// bytes is written, one byte more is refused with ErrACKTooBig and marks
+// the writer overCap; without one, the same ACK goes.
+func TestActionWriterPipelineCap(t *testing.T) {
+	const capB = 804
+	length := func(capBytes, n int) (int, error, bool) {
+		var w ActionWriter
+		w.reset(nil, 7, 1, 16380, capBytes, 0)
+		err := w.SetString(VarScopeTransaction, "v", strings.Repeat("x", n))
+		return len(w.finish()), err, w.overCap
+	}
+	n := 0
+	for l, _, _ := length(0, n); l < capB; l, _, _ = length(0, n) {
+		n++
+	}
+	l, _, _ := length(0, n)
+	require.Equal(t, capB, l, "a value length that makes the ACK exactly S")
+
+	l, err, over := length(capB, n)
+	assert.NoError(t, err)
+	assert.Equal(t, capB, l)
+	assert.False(t, over)
+
+	l, err, over = length(capB, n+1)
+	assert.ErrorIs(t, err, ErrACKTooBig)
+	assert.True(t, over, "refused for the cap")
+	assert.Less(t, l, capB, "the action left out")
+
+	l, err, over = length(0, n+1)
+	assert.NoError(t, err, "no cap")
+	assert.Equal(t, capB+1, l)
+	assert.False(t, over)
+
+	_, err, over = length(capB, 16000)
+	assert.ErrorIs(t, err, ErrACKTooBig)
+	assert.True(t, over)
+	_, err, over = length(0, 17000)
+	assert.ErrorIs(t, err, ErrACKTooBig, "max-frame-size")
+	assert.False(t, over, "not the cap")
 }

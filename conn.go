@@ -61,7 +61,8 @@ type conn struct {
 	// started after it read them).
 	maxFrame        int
 	haproxyMaxFrame uint64 // HAProxy's own, announced in its HELLO (see oversized)
-	muxEngine       bool   // HAProxy 3.1+ (see agentCaps, goodbye)
+	muxEngine       bool   // HAProxy 3.1+ (see conn.pipelining, goodbye)
+	ackCap          int    // pipelining with 3.1+: the ACKs' cap (pipelinedACKCap); else 0
 	caps            capabilities
 	engineID        string
 	handshaken      bool
@@ -127,7 +128,12 @@ func (c *conn) handshake() error {
 	c.rd.maxFrame = c.maxFrame
 	c.haproxyMaxFrame = h.maxFrameSize
 	c.muxEngine = muxEngine(h.caps)
-	c.caps = agentCaps(h.caps, c.cfg.keepPipelining) // HAProxy 3.1+: see agentCaps
+	pipeline := c.cfg.keepPipelining
+	if c.muxEngine && !pipeline && !c.cfg.noPipelining {
+		c.ackCap = c.pipelining(h)
+		pipeline = c.ackCap > 0
+	}
+	c.caps = agentCaps(h.caps, pipeline)
 	if c.caps&capAsync != 0 && !c.agent.engines.admit(h.engineID) {
 		c.caps &^= capAsync // MaxEngines reached
 	}
@@ -153,6 +159,9 @@ func (c *conn) handshake() error {
 		c.agent.engines.join(h.engineID, c)
 	}
 	c.handshaken = true
+	if c.muxEngine {
+		c.agent.answers.live.Add(1) // see conn.pipelining
+	}
 	return nil
 }
 
@@ -443,7 +452,11 @@ func (c *conn) closeSocket() {
 		c.lifeMu.Lock()
 		c.closed = true
 		e, cancel := c.engine, c.cancel
+		live := c.handshaken && c.muxEngine
 		c.lifeMu.Unlock()
+		if live {
+			c.agent.answers.live.Add(-1)
+		}
 		if e != nil {
 			e.leave(c)
 		}

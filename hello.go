@@ -1,7 +1,10 @@
 package spoe
 
 import (
+	"math"
 	"strings"
+	"sync/atomic"
+	"time"
 )
 
 // capabilities is a set of SPOP capabilities.
@@ -183,30 +186,163 @@ func negotiateFrameSize(haproxy uint64, agentLimit int) int {
 
 // agentCaps returns the capabilities the agent answers to a HAProxy that
 // offered offered: "pipelining" and "async" when offered, "fragmentation"
-// always; but not "pipelining" when HAProxy offered it without "async",
-// as only the 3.1+ multiplexer does (2.6 to 3.0 offer both by default),
-// unless keepPipelining.
-//
-// HAProxy 3.1+ stalls a connection for good when one read fills its demux
-// buffer (mux_spop.c: spop_recv sets SPOP_CF_DEM_DFULL when a read takes
-// all the room of the buffer, tune.bufsize bytes; SPOP_CF_DEM_BLOCK_ANY
-// includes it, so spop_process never demuxes again, and only a demux
-// clears it). With pipelining, up to 20 streams share a connection
-// (spop_init: streams_limit = 20), and their ACKs can pile up unread in
-// HAProxy's socket whatever the agent does: it cannot see HAProxy's reads.
-// Without it, spop_conn_handle_hello sets streams_limit = 1: HAProxy sends
-// the next NOTIFY only once the stream of the previous one is done, that
-// is once its ACK was demuxed, so at most one ACK is ever unread, and an
-// ACK is kept one byte under max-frame-size (ActionWriter.reset), itself
-// at most tune.bufsize - 4: no read can fill the buffer. HAProxy opens
-// more connections instead (as many as concurrent streams, within the
-// server's maxconn, which counts streams anyway).
-func agentCaps(offered capabilities, keepPipelining bool) capabilities {
+// always; but to the 3.1+ multiplexer, which offers "pipelining" without
+// "async" (2.6 to 3.0 offer both by default), "pipelining" only if
+// pipeline (see pipelinedACKCap for when the agent pipelines with it).
+func agentCaps(offered capabilities, pipeline bool) capabilities {
 	caps := offered&(capPipelining|capAsync) | capFragmentation
-	if muxEngine(offered) && !keepPipelining {
+	if muxEngine(offered) && !pipeline {
 		caps &^= capPipelining
 	}
 	return caps
+}
+
+// muxStreamsLimit is how many streams HAProxy 3.1+ runs at once on a
+// connection whose agent answered "pipelining" (mux_spop.c, spop_init:
+// streams_limit = 20); without it, spop_conn_handle_hello sets 1.
+const muxStreamsLimit = 20
+
+// learnACKs is how many ACKs the agent must have built, none of them
+// above a connection's pipelinedACKCap, before it answers "pipelining" to
+// that 3.1+ HAProxy: as many as one pipelining connection can hold unread.
+// Fewer would pipeline sooner on the word of a handful of answers; the
+// cap keeps HAProxy safe either way, the count only makes it rarer that
+// an answer is refused for the cap.
+const learnACKs = muxStreamsLimit
+
+// helloHoldMax bounds how long a HAPROXY-HELLO from 3.1+ waits, while the
+// agent has not learnt its answers' size yet and another 3.1+ connection
+// is open to learn it on (see conn.pipelining). It must stay well under
+// HAProxy's "timeout processing", which the waiting events count. A
+// variable only for tests.
+var helloHoldMax = 50 * time.Millisecond
+
+// helloHoldPoll is how often a held HELLO looks at what was learnt.
+const helloHoldPoll = 200 * time.Microsecond
+
+// maxDisconnectFrame is the longest AGENT-DISCONNECT the agent writes,
+// its LENGTH included (appendDisconnect keeps the message to 255 bytes).
+var maxDisconnectFrame = len(appendDisconnect(nil, frameAgentDisconnect,
+	Status(math.MaxUint32), strings.Repeat("x", maxDisconnectMessage)))
+
+// pipelinedACKCap returns S, the largest ACK frame (its 4-byte LENGTH
+// included) the agent writes on a connection of a HAProxy 3.1+ that
+// announced max-frame-size haproxyMaxFrame if it pipelines with it: with
+// every ACK at most S bytes, HAProxy's demux buffer never stalls.
+//
+// HAProxy 3.1+ stalls a connection for good when one read fills its demux
+// buffer (mux_spop.c: spop_recv reads at most max = b_room(dbuf) and sets
+// SPOP_CF_DEM_DFULL when it got all of it; SPOP_CF_DEM_BLOCK_ANY, 0x7E0,
+// includes DFULL, 0x40, despite its comment, and spop_process demuxes,
+// which alone clears DFULL, only without any of them). The demux buffer
+// holds tune.bufsize bytes, at least max-frame-size + 4 (HAProxy announces
+// tune.bufsize - 4, or a smaller "max-frame-size" of the spoe-agent, which
+// flt_spoe.c keeps at most tune.bufsize - 4). A read fills it only if the
+// bytes HAProxy has not demuxed (in the buffer and in its socket) reach
+// tune.bufsize. Those are the agent's frames in the order it wrote them,
+// and every ACK among them is the answer of a stream still open: a stream
+// ends once its ACK was demuxed (spop_conn_handle_ack; spop_detach then
+// destroys it), and a pipelining connection has at most muxStreamsLimit
+// open (spop_stconn_new refuses more). So at most 20 ACKs are unread,
+// and the agent's last frame, an AGENT-DISCONNECT, may follow them: with
+// 20 × S + maxDisconnectFrame ≤ max-frame-size + 3, less than
+// tune.bufsize, no read can fill the buffer. For the default tune.bufsize
+// of 16384, S is 804 bytes.
+//
+// The bound assumes that streams end through their ACK: one HAProxy ended
+// without it ("timeout processing", an aborted client) frees its place
+// while its ACK may still come, and the agent cannot see that. Without
+// pipelining the same holds of one ACK per stream.
+func pipelinedACKCap(haproxyMaxFrame uint64) int {
+	if haproxyMaxFrame > math.MaxInt32 {
+		haproxyMaxFrame = math.MaxInt32
+	}
+	room := int(haproxyMaxFrame) + lengthSize - 1 - maxDisconnectFrame
+	if room < 0 {
+		return 0
+	}
+	return room / muxStreamsLimit
+}
+
+// answerSizes is what the agent learnt of its answers' size, on every
+// connection (Agent.answers): it decides whether a 3.1+ HAProxy gets
+// "pipelining" (see conn.pipelining).
+type answerSizes struct {
+	built  atomic.Uint32 // ACKs built by the handler, counted up to learnACKs
+	max    atomic.Int64  // the largest of them, LENGTH included
+	capped atomic.Bool   // an answer was refused for a pipelinedACKCap
+	live   atomic.Int32  // 3.1+ connections handshaken and not closed
+}
+
+// observe records one ACK the handler's answer made, n bytes long;
+// overCap says that an action was refused for the connection's
+// pipelinedACKCap (the answer was bigger than n).
+func (s *answerSizes) observe(n int, overCap bool) {
+	if s.built.Load() < learnACKs {
+		s.built.Add(1)
+	}
+	for {
+		m := s.max.Load()
+		if int64(n) <= m || s.max.CompareAndSwap(m, int64(n)) {
+			break
+		}
+	}
+	if overCap {
+		s.capped.Store(true)
+	}
+}
+
+// verdict says whether a connection whose ACKs would be capped at
+// capBytes may pipeline, minCap being the least cap an ACK with the error
+// variable fits in; learnt is false while the answers seen so far do not
+// decide it yet.
+func (s *answerSizes) verdict(capBytes, minCap int) (pipeline, learnt bool) {
+	if s.capped.Load() || capBytes < minCap || s.max.Load() > int64(capBytes) {
+		return false, true
+	}
+	if s.built.Load() < learnACKs {
+		return false, false
+	}
+	return true, true
+}
+
+// pipelining decides, at the handshake with a HAProxy 3.1+ (h), whether
+// the agent answers "pipelining", and returns the cap of the connection's
+// ACKs (pipelinedACKCap), 0 when it does not pipeline.
+//
+// The agent pipelines once it has built learnACKs ACKs, none of them above
+// the cap, and no answer was refused for a cap since: until then (a fresh
+// agent) it answers as to a connection whose answers may be big, without
+// "pipelining". At the agent's start HAProxy opens many connections at
+// once, and it keeps and reuses them: answered so, they would carry the
+// load without pipelining for good. So while another 3.1+ connection is
+// open, on which the answers are being learnt, a HELLO waits for the
+// verdict, at most helloHoldMax. A health check never waits.
+//
+// On a pipelining connection the cap is kept by ActionWriter: an action
+// that would make the ACK longer is refused (the error variable tells
+// HAProxy's rules, as for max-frame-size), and the refusal stops
+// "pipelining" for the connections opened afterwards. HAProxy keeps those
+// already open; their answers above the cap keep being refused.
+func (c *conn) pipelining(h haproxyHello) int {
+	if h.healthcheck {
+		return 0
+	}
+	capBytes := pipelinedACKCap(h.maxFrameSize)
+	minCap := lengthSize + maxFrameHeader + 1 + c.cfg.errorVarRoom
+	s := &c.agent.answers
+	pipeline, learnt := s.verdict(capBytes, minCap)
+	if !learnt && s.live.Load() > 0 {
+		deadline := time.Now().Add(helloHoldMax)
+		for !learnt && time.Now().Before(deadline) && c.agent.base.Err() == nil {
+			time.Sleep(helloHoldPoll)
+			pipeline, learnt = s.verdict(capBytes, minCap)
+		}
+	}
+	if !pipeline {
+		return 0
+	}
+	return capBytes
 }
 
 // muxEngine reports whether a HAProxy that offered offered runs the 3.1+
