@@ -76,6 +76,7 @@ type conn struct {
 
 	lifeMu sync.Mutex
 	closed bool
+	live   bool               // counted in Agent.answers.live (conn.pipelining)
 	engine *engine            // async connections only
 	ctx    context.Context    // parent of request contexts
 	cancel context.CancelFunc //
@@ -159,9 +160,6 @@ func (c *conn) handshake() error {
 		c.agent.engines.join(h.engineID, c)
 	}
 	c.handshaken = true
-	if c.muxEngine {
-		c.agent.answers.live.Add(1) // see conn.pipelining
-	}
 	return nil
 }
 
@@ -452,7 +450,7 @@ func (c *conn) closeSocket() {
 		c.lifeMu.Lock()
 		c.closed = true
 		e, cancel := c.engine, c.cancel
-		live := c.handshaken && c.muxEngine
+		live := c.live
 		c.lifeMu.Unlock()
 		if live {
 			c.agent.answers.live.Add(-1)

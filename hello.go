@@ -205,17 +205,20 @@ const muxStreamsLimit = 20
 // learnACKs is how many ACKs the agent must have built, none of them
 // above a connection's pipelinedACKCap, before it answers "pipelining" to
 // that 3.1+ HAProxy: as many as one pipelining connection can hold unread.
-// Fewer would pipeline sooner on the word of a handful of answers; the
-// cap keeps HAProxy safe either way, the count only makes it rarer that
-// an answer is refused for the cap.
+// The cap keeps HAProxy safe whatever the count; the count makes it rarer
+// that an agent whose answers are often big pipelines on the word of a
+// few small ones and then has its big answers refused (an agent with one
+// answer in ten above the cap passes 20 small ones in a row 12% of the
+// time, 43% of the time for 8).
 const learnACKs = muxStreamsLimit
 
 // helloHoldMax bounds how long a HAPROXY-HELLO from 3.1+ waits, while the
 // agent has not learnt its answers' size yet and another 3.1+ connection
-// is open to learn it on (see conn.pipelining). It must stay well under
-// HAProxy's "timeout processing", which the waiting events count. A
-// variable only for tests.
-var helloHoldMax = 50 * time.Millisecond
+// is open to learn it on (see conn.pipelining). The events HAProxy queued
+// on that connection wait with it, and fail if their "timeout processing"
+// strikes first: HAProxy's SPOE documentation shows 10 ms. A connection
+// whose HELLO waited in vain does not pipeline. A variable only for tests.
+var helloHoldMax = 5 * time.Millisecond
 
 // helloHoldPoll is how often a held HELLO looks at what was learnt.
 const helloHoldPoll = 200 * time.Microsecond
@@ -271,7 +274,7 @@ type answerSizes struct {
 	built  atomic.Uint32 // ACKs built by the handler, counted up to learnACKs
 	max    atomic.Int64  // the largest of them, LENGTH included
 	capped atomic.Bool   // an answer was refused for a pipelinedACKCap
-	live   atomic.Int32  // 3.1+ connections handshaken and not closed
+	live   atomic.Int32  // 3.1+ connections past their HELLO's verdict or waiting for it, not closed
 }
 
 // observe records one ACK the handler's answer made, n bytes long;
@@ -315,15 +318,18 @@ func (s *answerSizes) verdict(capBytes, minCap int) (pipeline, learnt bool) {
 // agent) it answers as to a connection whose answers may be big, without
 // "pipelining". At the agent's start HAProxy opens many connections at
 // once, and it keeps and reuses them: answered so, they would carry the
-// load without pipelining for good. So while another 3.1+ connection is
-// open, on which the answers are being learnt, a HELLO waits for the
-// verdict, at most helloHoldMax. A health check never waits.
+// load without pipelining for good. So the first 3.1+ connection answers
+// at once, and learns; while another one is open (past its HELLO or at
+// it), a HELLO waits for the verdict, at most helloHoldMax. A health check
+// never waits.
 //
 // On a pipelining connection the cap is kept by ActionWriter: an action
 // that would make the ACK longer is refused (the error variable tells
 // HAProxy's rules, as for max-frame-size), and the refusal stops
 // "pipelining" for the connections opened afterwards. HAProxy keeps those
-// already open; their answers above the cap keep being refused.
+// already open, and prefers them (backend.c, be_reuse_connection takes a
+// connection with room for streams before an idle one): after answers
+// grew above the cap, nearly all of them are refused while the load lasts.
 func (c *conn) pipelining(h haproxyHello) int {
 	if h.healthcheck {
 		return 0
@@ -331,8 +337,15 @@ func (c *conn) pipelining(h haproxyHello) int {
 	capBytes := pipelinedACKCap(h.maxFrameSize)
 	minCap := lengthSize + maxFrameHeader + 1 + c.cfg.errorVarRoom
 	s := &c.agent.answers
+	others := int32(-1)
+	c.lifeMu.Lock()
+	if !c.closed {
+		c.live = true
+		others = s.live.Add(1) - 1
+	}
+	c.lifeMu.Unlock()
 	pipeline, learnt := s.verdict(capBytes, minCap)
-	if !learnt && s.live.Load() > 0 {
+	if !learnt && others > 0 {
 		deadline := time.Now().Add(helloHoldMax)
 		for !learnt && time.Now().Before(deadline) && c.agent.base.Err() == nil {
 			time.Sleep(helloHoldPoll)
