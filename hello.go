@@ -188,7 +188,7 @@ func negotiateFrameSize(haproxy uint64, agentLimit int) int {
 // offered offered: "pipelining" and "async" when offered, "fragmentation"
 // always; but to the 3.1+ multiplexer, which offers "pipelining" without
 // "async" (2.6 to 3.0 offer both by default), "pipelining" only if
-// pipeline (see pipelinedACKCap for when the agent pipelines with it).
+// pipeline (see conn.pipelining for when the agent pipelines with it).
 func agentCaps(offered capabilities, pipeline bool) capabilities {
 	caps := offered&(capPipelining|capAsync) | capFragmentation
 	if muxEngine(offered) && !pipeline {
@@ -244,9 +244,10 @@ var maxDisconnectFrame = len(appendDisconnect(nil, frameAgentDisconnect,
 // bytes HAProxy has not demuxed (in the buffer and in its socket) reach
 // tune.bufsize. Those are the agent's frames in the order it wrote them,
 // and every ACK among them is the answer of a stream still open: a stream
-// ends once its ACK was demuxed (spop_conn_handle_ack; spop_detach then
-// destroys it), and a pipelining connection has at most muxStreamsLimit
-// open (spop_stconn_new refuses more). So at most 20 ACKs are unread,
+// gives its place back (spop_strm_close: nb_streams--) only once its ACK
+// was demuxed (in spop_conn_handle_ack, or in the SPOE applet's shutdown
+// or detach after it), and a pipelining connection has at most
+// muxStreamsLimit open (spop_stconn_new refuses more). So at most 20 ACKs are unread,
 // and the agent's last frame, an AGENT-DISCONNECT, may follow them: with
 // 20 × S + maxDisconnectFrame ≤ max-frame-size + 3, less than
 // tune.bufsize, no read can fill the buffer. For the default tune.bufsize
