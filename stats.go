@@ -107,10 +107,7 @@ func (s *stats) observeHandler(d time.Duration, n uint64, r *Request) {
 	i := latencyBucket(d)
 	s.handlerLatency[i].Add(n)
 	s.handlerTime.Add(int64(d) * int64(n))
-	for _, m := range r.mstats {
-		if m == nil {
-			break
-		}
+	for _, m := range counted(r) {
 		m.latency[i].Add(n)
 		m.time.Add(int64(d) * int64(n))
 	}

@@ -38,6 +38,7 @@ type MessageStats struct {
 
 // messageStats are the counters of one message name.
 type messageStats struct {
+	name                     string // its key in messageTable.byName
 	requests, errors, panics atomic.Uint64
 	latency                  [latencyBuckets]atomic.Uint64
 	time                     atomic.Int64
@@ -79,25 +80,115 @@ func (t *messageTable) get(name []byte) *messageStats {
 	for k, v := range old {
 		next[k] = v
 	}
-	m := new(messageStats)
-	next[string(name)] = m
+	m := &messageStats{name: string(name)}
+	next[m.name] = m
 	t.byName.Store(&next)
 	return m
 }
 
-// count counts r's messages and notes the counters of its first ones in
-// r, for failed and observeHandler.
-func (t *messageTable) count(r *Request) {
-	r.mstats, r.routing = [statMessages]*messageStats{}, nil
-	n := 0
-	for it := r.Messages(); it.Next(); {
-		m := t.get(it.name())
-		m.requests.Add(1)
-		if n < statMessages && !noted(r.mstats[:n], m) {
-			r.mstats[n] = m
-			n++
+// recentStats are the counters of the names one connection saw last, and
+// the requests counted on them since its last flush, in the connection's
+// reading role: HAProxy sends the same few names again and again, and a
+// name found here costs a comparison, not a map lookup nor an atomic
+// operation. flush adds the counts to the agent's before each write of
+// ACKs and before each blocking read, so Stats sees every NOTIFY whose ACK
+// left.
+type recentStats struct {
+	last    [4]*messageStats
+	pending [4]uint64
+	next    int // the next to replace
+	hit     int // the last found
+}
+
+// find returns the index in last of the counters of name, or -1.
+func (rc *recentStats) find(name []byte) int {
+	if m := rc.last[rc.hit]; m != nil && m.name == string(name) {
+		return rc.hit
+	}
+	for i, m := range rc.last {
+		if m != nil && m.name == string(name) {
+			rc.hit = i
+			return i
 		}
 	}
+	return -1
+}
+
+// add puts m in place of the counters seen least recently, flushing them.
+func (rc *recentStats) add(m *messageStats) int {
+	i := rc.next
+	rc.flushOne(i)
+	rc.last[i] = m
+	rc.next = (i + 1) % len(rc.last)
+	return i
+}
+
+func (rc *recentStats) flushOne(i int) {
+	if rc.pending[i] > 0 {
+		rc.last[i].requests.Add(rc.pending[i])
+		rc.pending[i] = 0
+	}
+}
+
+// flush adds the pending counts to the agent's counters.
+func (rc *recentStats) flush() {
+	for i := range rc.pending {
+		rc.flushOne(i)
+	}
+}
+
+// count counts r's messages and notes the counters of its first names in
+// r (see counted). It reads the names from r's index, so the frame is not
+// walked again for the first indexedMessages messages. recent may be nil:
+// the agent's counters are then added to at once.
+func (t *messageTable) count(r *Request, recent *recentStats) {
+	r.routing, r.nstats = nil, 0
+	if r.nmsgs == 1 && recent != nil {
+		// The common case, kept short: one message, of the name found
+		// last.
+		x := r.index[0]
+		if m := recent.last[recent.hit]; m != nil && m.name == string(r.payload[x.name:x.args-1]) {
+			recent.pending[recent.hit]++
+			r.mstats[0], r.nstats = m, 1
+			return
+		}
+	}
+	if r.nmsgs <= indexedMessages {
+		for _, x := range r.index[:r.nmsgs] {
+			t.countOne(r, recent, r.payload[x.name:x.args-1])
+		}
+		return
+	}
+	for it := r.Messages(); it.Next(); {
+		t.countOne(r, recent, it.name())
+	}
+}
+
+func (t *messageTable) countOne(r *Request, recent *recentStats, name []byte) {
+	var m *messageStats
+	if recent == nil {
+		m = t.get(name)
+		m.requests.Add(1)
+	} else if i := recent.find(name); i >= 0 {
+		m = recent.last[i]
+		recent.pending[i]++
+	} else if m = t.get(name); m != &t.other { // other's name is no name
+		recent.pending[recent.add(m)]++
+	} else {
+		m.requests.Add(1)
+	}
+	if r.nstats < statMessages && !noted(r.mstats[:r.nstats], m) {
+		r.mstats[r.nstats] = m
+		r.nstats++
+	}
+}
+
+// counted returns the counters of r's first statMessages names, each once,
+// as count noted them: those a handler's error, panic and sampled latency
+// are counted on.
+func counted(r *Request) []*messageStats {
+	r = r.root()
+	return r.mstats[:r.nstats]
 }
 
 func noted(ms []*messageStats, m *messageStats) bool {
@@ -123,10 +214,7 @@ func (t *messageTable) failed(r *Request, panicked bool) {
 		count(t.get(r.routing))
 		return
 	}
-	for _, m := range r.mstats {
-		if m == nil {
-			break
-		}
+	for _, m := range counted(r) {
 		count(m)
 	}
 }
