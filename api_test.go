@@ -258,6 +258,38 @@ func TestMessageStatsRecent(t *testing.T) {
 	assert.Equal(t, uint64(2*1002), tbl.snapshot()[heavyMessage.Name].Requests)
 }
 
+// TestMessageStatsNameWord: names compared as a word (at most 8 bytes) or
+// whole are told apart by every byte, wherever they sit in the frame.
+func TestMessageStatsNameWord(t *testing.T) {
+	var tbl messageTable
+	var recent recentStats
+	names := []string{"ab", "ac", "abcdefgh", "abcdefgi", "abcdefghi", "abcdefghj", "a", "a\x00", "b"}
+	want := map[string]uint64{}
+	for round := 0; round < 3; round++ {
+		for i, name := range names {
+			for k := 0; k <= i%3; k++ { // the same name again, and the next one
+				// An argument after the name, or none: the name ends 1
+				// byte before the frame, too near for a word.
+				var args []Arg
+				if (round+k)%2 == 0 {
+					args = []Arg{{"x", "0123456789"}}
+				}
+				r := &Request{}
+				payload, err := appendMessages(nil, []ClientMessage{{Name: name, Args: args}})
+				require.NoError(t, err)
+				require.NoError(t, r.indexMessages(payload))
+				tbl.count(r, &recent)
+				assert.Equal(t, []*messageStats{tbl.get([]byte(name))}, counted(r), name)
+				want[name]++
+			}
+		}
+	}
+	recent.flush()
+	for name, n := range want {
+		assert.Equal(t, n, tbl.snapshot()[name].Requests, name)
+	}
+}
+
 // TestReadyAndHealthHandler: ready while serving, not before nor once
 // shutting down; the handler answers probes and serves the stats.
 func TestReadyAndHealthHandler(t *testing.T) {

@@ -52,7 +52,7 @@ type Request struct {
 	frameID  uint64
 	payload  []byte
 	nmsgs    int
-	nargs    int // of every message together
+	nargs    int                       // of every message together
 	index    [indexedMessages]msgIndex // where the first messages are
 	sealed   bool
 	names    *internTable                // interned names for the simple API

@@ -1,6 +1,7 @@
 package spoe
 
 import (
+	"encoding/binary"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -95,6 +96,7 @@ func (t *messageTable) get(name []byte) *messageStats {
 // left.
 type recentStats struct {
 	last    [4]*messageStats
+	word    [4]uint64 // the first 8 bytes of each name, zero-padded (see nameWord)
 	pending [4]uint64
 	next    int // the next to replace
 	hit     int // the last found
@@ -119,7 +121,10 @@ func (rc *recentStats) add(m *messageStats) int {
 	i := rc.next
 	rc.flushOne(i)
 	rc.last[i] = m
-	rc.next = (i + 1) % len(rc.last)
+	var w [8]byte
+	copy(w[:], m.name)
+	rc.word[i] = binary.LittleEndian.Uint64(w[:])
+	rc.next, rc.hit = (i+1)%len(rc.last), i
 	return i
 }
 
@@ -137,6 +142,16 @@ func (rc *recentStats) flush() {
 	}
 }
 
+// nameWord returns the name of n bytes at p[off:] as a word, zero-padded,
+// if it has at most 8 bytes and p holds 8 from off (a name is followed by
+// at least its NB-ARGS byte).
+func nameWord(p []byte, off, n int) (uint64, bool) {
+	if n > 8 || off+8 > len(p) {
+		return 0, false
+	}
+	return binary.LittleEndian.Uint64(p[off:]) & (1<<(8*uint(n)) - 1), true
+}
+
 // count counts r's messages and notes the counters of its first names in
 // r (see counted). It reads the names from r's index, so the frame is not
 // walked again for the first indexedMessages messages. recent may be nil:
@@ -145,12 +160,16 @@ func (t *messageTable) count(r *Request, recent *recentStats) {
 	r.routing, r.nstats = nil, 0
 	if r.nmsgs == 1 && recent != nil {
 		// The common case, kept short: one message, of the name found
-		// last.
-		x := r.index[0]
-		if m := recent.last[recent.hit]; m != nil && m.name == string(r.payload[x.name:x.args-1]) {
-			recent.pending[recent.hit]++
-			r.mstats[0], r.nstats = m, 1
-			return
+		// last, compared as one word when it is short.
+		x, i := r.index[0], recent.hit
+		n := int(x.args - 1 - x.name)
+		if m := recent.last[i]; m != nil && len(m.name) == n {
+			w, ok := nameWord(r.payload, int(x.name), n)
+			if ok && w == recent.word[i] || !ok && m.name == string(r.payload[x.name:x.args-1]) {
+				recent.pending[i]++
+				r.mstats[0], r.nstats = m, 1
+				return
+			}
 		}
 	}
 	if r.nmsgs <= indexedMessages {
