@@ -5,6 +5,7 @@ import (
 	"net"
 	"net/netip"
 	"strconv"
+	"unsafe"
 
 	"github.com/pkg/errors"
 )
@@ -120,6 +121,13 @@ type ActionWriter struct {
 	err       error
 	refused   int
 	sealed    bool
+
+	// The last variable name checkVarName accepted, kept across ACKs: a
+	// handler sets the same names again and again, usually string
+	// constants, which are found by their address.
+	okName   string
+	okScope  VarScope
+	okPrefix int
 }
 
 // reset prepares w to build the ACK of (streamID, frameID) at the end of
@@ -269,8 +277,11 @@ func (w *ActionWriter) begin(action byte, scope VarScope, name string) (int, err
 	if int(scope) >= len(scopeNames) {
 		return 0, w.refuse(errors.Wrapf(ErrVarScope, "%d for %q", scope, name))
 	}
-	if err := checkVarName(scope, name, w.prefixLen); err != nil {
-		return 0, w.refuse(err)
+	if !w.checked(scope, name) {
+		if err := checkVarName(scope, name, w.prefixLen); err != nil {
+			return 0, w.refuse(err)
+		}
+		w.okName, w.okScope, w.okPrefix = name, scope, w.prefixLen
 	}
 	mark := len(w.buf)
 	nbArgs := byte(3)
@@ -303,6 +314,13 @@ func (w *ActionWriter) refuse(err error) error {
 // empty, with a character outside [A-Za-z0-9_.], or too long for
 // <scope>.<prefix>.<name> to fit 63 bytes. prefixLen is the length of the
 // var-prefix; 0 means unknown, checked as the shortest possible (1).
+// checked reports whether name in scope is the last one accepted: the same
+// string (same bytes at the same address; Go strings do not change).
+func (w *ActionWriter) checked(scope VarScope, name string) bool {
+	return len(name) == len(w.okName) && unsafe.StringData(name) == unsafe.StringData(w.okName) &&
+		scope == w.okScope && w.prefixLen == w.okPrefix && name != ""
+}
+
 func checkVarName(scope VarScope, name string, prefixLen int) error {
 	if name == "" {
 		return errors.Wrap(ErrVarName, "empty name")
