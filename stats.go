@@ -172,7 +172,9 @@ type Stats struct {
 
 	// Messages counts the NOTIFY frames by the names of their messages
 	// (see MessageStats), for the first MaxStatsMessages names seen; the
-	// frames of later names are counted together under OtherMessages.
+	// frames of later names are counted together under OtherMessages. A
+	// connection adds its requests to these counts before it writes their
+	// ACKs, not one by one.
 	Messages map[string]MessageStats
 }
 
