@@ -5,6 +5,7 @@ import (
 	"net"
 	"net/netip"
 	"strconv"
+	"unsafe"
 
 	"github.com/pkg/errors"
 )
@@ -125,6 +126,19 @@ type ActionWriter struct {
 	err       error
 	refused   int
 	sealed    bool
+
+	// Variable names checkVarName accepted, kept across ACKs: a handler
+	// sets the same few names again and again, usually string constants,
+	// found here by their address.
+	ok     [4]checkedName
+	okNext int // the next of ok to replace
+}
+
+// checkedName is a variable name accepted for a scope and var-prefix.
+type checkedName struct {
+	name   string
+	scope  VarScope
+	prefix int
 }
 
 // reset prepares w to build the ACK of (streamID, frameID) at the end of
@@ -280,8 +294,12 @@ func (w *ActionWriter) begin(action byte, scope VarScope, name string) (int, err
 	if int(scope) >= len(scopeNames) {
 		return 0, w.refuse(errors.Wrapf(ErrVarScope, "%d for %q", scope, name))
 	}
-	if err := checkVarName(scope, name, w.prefixLen); err != nil {
-		return 0, w.refuse(err)
+	if !w.checked(scope, name) {
+		if err := checkVarName(scope, name, w.prefixLen); err != nil {
+			return 0, w.refuse(err)
+		}
+		w.ok[w.okNext] = checkedName{name, scope, w.prefixLen}
+		w.okNext = (w.okNext + 1) % len(w.ok)
 	}
 	mark := len(w.buf)
 	nbArgs := byte(3)
@@ -318,6 +336,19 @@ func (w *ActionWriter) refuse(err error) error {
 // empty, with a character outside [A-Za-z0-9_.], or too long for
 // <scope>.<prefix>.<name> to fit 63 bytes. prefixLen is the length of the
 // var-prefix; 0 means unknown, checked as the shortest possible (1).
+// checked reports whether name in scope was accepted before: the same
+// string (same bytes at the same address; Go strings do not change).
+func (w *ActionWriter) checked(scope VarScope, name string) bool {
+	p := unsafe.StringData(name)
+	for i := range w.ok {
+		c := &w.ok[i]
+		if p == unsafe.StringData(c.name) && len(name) == len(c.name) {
+			return scope == c.scope && w.prefixLen == c.prefix && name != ""
+		}
+	}
+	return false
+}
+
 func checkVarName(scope VarScope, name string, prefixLen int) error {
 	if name == "" {
 		return errors.Wrap(ErrVarName, "empty name")

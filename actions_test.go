@@ -130,6 +130,23 @@ func TestVarNameLengths(t *testing.T) {
 	assert.NoError(t, checkVarName(VarScopeTransaction, "A.b_9", 1))
 }
 
+// TestVarNameCheckedOnce: a name accepted once is not checked again, but
+// only for the same scope and var-prefix: the same string is still refused
+// where it is too long.
+func TestVarNameCheckedOnce(t *testing.T) {
+	name := strings.Repeat("a", 57) // fits txn.<p>.name, not proc.<p>.name
+	w := newTestWriter(1, 1, 16380)
+	w.prefixLen = 1
+	require.NoError(t, w.SetInt(VarScopeTransaction, name, 1))
+	require.NoError(t, w.SetInt(VarScopeTransaction, name, 2))
+	assert.ErrorIs(t, w.SetInt(VarScopeProcess, name, 3), ErrVarName)
+	require.NoError(t, w.SetInt(VarScopeTransaction, name, 4))
+	w.prefixLen = 2
+	assert.ErrorIs(t, w.SetInt(VarScopeTransaction, name, 5), ErrVarName, "a longer var-prefix")
+	assert.ErrorIs(t, w.SetInt(VarScopeTransaction, "", 6), ErrVarName)
+	assert.Equal(t, 3, w.refused)
+}
+
 func TestTypedSetters(t *testing.T) {
 	w := newTestWriter(1, 1, 16380)
 	require.NoError(t, w.SetInt(VarScopeSession, "i", -1))

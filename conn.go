@@ -69,10 +69,11 @@ type conn struct {
 	helloSent       bool
 
 	// The reading role's.
-	frag  reassembly
-	ex    *exchange // the exchange of the next inline handler
-	out   *buffer   // ACKs gathered for the next write
-	calls uint64    // handler calls, for sampling their latency
+	frag   reassembly
+	ex     *exchange   // the exchange of the next inline handler
+	out    *buffer     // ACKs gathered for the next write
+	calls  uint64      // handler calls, for sampling their latency
+	recent recentStats // the counters of the message names seen last
 
 	lifeMu sync.Mutex
 	closed bool
@@ -192,7 +193,7 @@ func (c *conn) loop() error {
 func (c *conn) nextFrame(f *frame) error {
 	for {
 		ok, err := c.rd.buffered(f)
-		if errors.Is(err, errFrameTooBig) {
+		if err != nil && errors.Is(err, errFrameTooBig) {
 			var skip bool
 			if skip, err = c.oversized(err); skip {
 				continue
@@ -364,6 +365,7 @@ func (c *conn) end(err error) {
 		return
 	}
 	c.disarm()
+	c.recent.flush()
 	switch how {
 	case endWriteFailed:
 		// Logged and handled by write; what was gathered since goes to

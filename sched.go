@@ -243,13 +243,20 @@ func (c *conn) handle(streamID, frameID uint64, payload []byte) error {
 	if err := c.acquire(); err != nil {
 		return err
 	}
+	slow := c.sched.slow()
+	if slow {
+		// Counted at once: its ACK may leave before the next flush.
+		c.stats.messages.count(&ex.req, nil)
+	} else {
+		c.stats.messages.count(&ex.req, &c.recent)
+	}
 	ex.req.parent, ex.req.streamID, ex.req.frameID = c.requestContext(), streamID, frameID
 	ex.req.ctx, ex.req.cancel, ex.req.sealed, ex.req.engineID = nil, nil, false, c.engineID
 	ex.w.reset(ex.ack[:0], streamID, frameID, c.maxFrame, c.ackCap, c.cfg.prefixLen)
 	sampled := c.calls%latencySampling == 0
 	c.calls++
 
-	if c.sched.slow() {
+	if slow {
 		// The frame's bytes go with it: the read buffer moves on.
 		ex.frame = append(ex.frame[:0], payload...)
 		ex.req.payload = ex.frame // the index is offsets: still right

@@ -253,6 +253,7 @@ func (c *conn) gather(frames []byte) {
 
 // flush writes the gathered frames.
 func (c *conn) flush() error {
+	c.recent.flush() // before the ACKs leave: see recentStats
 	if c.out == nil || len(c.out.b) == 0 {
 		return nil
 	}
