@@ -47,8 +47,7 @@ var (
 	// carry, a uint64 above math.MaxInt64, a NaN, an invalid address).
 	ErrVarValue = errors.New("spoe: value cannot be sent")
 	// ErrACKTooBig: the action would make the ACK longer than the
-	// max-frame-size negotiated with HAProxy, or than the cap of a
-	// connection the agent pipelines with HAProxy 3.1+ on.
+	// max-frame-size negotiated with HAProxy.
 	ErrACKTooBig = errors.New("spoe: actions exceed max-frame-size")
 )
 
@@ -109,20 +108,18 @@ func (a ActionUnsetVar) writeTo(w *ActionWriter) error { return w.UnsetVar(a.Sco
 //
 // Every method checks the variable name, the scope and the value, and that
 // the ACK still fits the negotiated max-frame-size (less the room kept for
-// the error variable) and, on a connection of HAProxy 3.1+ the agent
-// pipelines with, the cap that keeps HAProxy from stalling (804 bytes for
-// its default tune.bufsize: see README, "Known HAProxy issues"). A refused
-// action is not written; its error is returned and also logged and
-// counted by the agent, which sets the error variable (Agent.ErrorVar) in
-// the ACK, so that no variable is lost silently.
+// the error variable). A refused action is not written; its error is
+// returned and also logged and counted by the agent, which sets the error
+// variable (Agent.ErrorVar) in the ACK, so that no variable is lost
+// silently. (On a connection the agent pipelines with HAProxy 3.1+, an ACK
+// that could stall HAProxy is replaced as a whole when it is written: see
+// ackWindow.)
 type ActionWriter struct {
 	buf       []byte // output; the ACK frame starts at start
 	start     int
-	actions   int  // where the ACK's actions start in buf
-	limit     int  // largest len(buf) allowed
-	capped    bool // limit is the pipelining cap, below max-frame-size's
-	overCap   bool // an action was refused for the cap
-	prefixLen int  // length of HAProxy's var-prefix, for name checks
+	actions   int // where the ACK's actions start in buf
+	limit     int // largest len(buf) allowed
+	prefixLen int // length of HAProxy's var-prefix, for name checks
 	err       error
 	refused   int
 	sealed    bool
@@ -142,21 +139,15 @@ type checkedName struct {
 }
 
 // reset prepares w to build the ACK of (streamID, frameID) at the end of
-// buf. maxFrameSize is the negotiated one; capBytes, if not 0, bounds the
-// whole frame, its LENGTH included (pipelinedACKCap).
-func (w *ActionWriter) reset(buf []byte, streamID, frameID uint64, maxFrameSize, capBytes, prefixLen int) {
+// buf. maxFrameSize is the negotiated one.
+func (w *ActionWriter) reset(buf []byte, streamID, frameID uint64, maxFrameSize, prefixLen int) {
 	w.buf, w.start = appendFrameHeader(buf, frameAck, flagFin, streamID, frameID)
 	w.actions = len(w.buf)
 	// HAProxy 3.5 stalls on an agent frame of exactly max-frame-size bytes:
 	// keep ours one byte shorter.
-	whole := lengthSize + maxFrameSize - 1
-	w.capped = capBytes > 0 && capBytes < whole
-	if w.capped {
-		whole = capBytes
-	}
-	w.limit = w.start + whole
+	w.limit = w.start + lengthSize + maxFrameSize - 1
 	w.prefixLen = prefixLen
-	w.err, w.refused, w.sealed, w.overCap = nil, 0, false, false
+	w.err, w.refused, w.sealed = nil, 0, false
 }
 
 // finish completes the ACK and returns the output buffer.
@@ -315,10 +306,6 @@ func (w *ActionWriter) begin(action byte, scope VarScope, name string) (int, err
 func (w *ActionWriter) end(mark int, scope VarScope, name string) error {
 	if len(w.buf) > w.limit {
 		w.buf = w.buf[:mark]
-		if w.capped {
-			w.overCap = true
-			return w.refuse(errors.Wrapf(ErrACKTooBig, "%s.%s: above the cap of ACKs on a connection pipelining with HAProxy 3.1+", scope, name))
-		}
 		return w.refuse(errors.Wrapf(ErrACKTooBig, "%s.%s", scope, name))
 	}
 	return nil

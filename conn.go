@@ -62,7 +62,6 @@ type conn struct {
 	maxFrame        int
 	haproxyMaxFrame uint64 // HAProxy's own, announced in its HELLO (see oversized)
 	muxEngine       bool   // HAProxy 3.1+ (see conn.pipelining, goodbye)
-	ackCap          int    // pipelining with 3.1+: the ACKs' cap (pipelinedACKCap); else 0
 	caps            capabilities
 	engineID        string
 	handshaken      bool
@@ -132,8 +131,9 @@ func (c *conn) handshake() error {
 	c.muxEngine = muxEngine(h.caps)
 	pipeline := c.cfg.keepPipelining
 	if c.muxEngine && !pipeline && !c.cfg.noPipelining {
-		c.ackCap = c.pipelining(h)
-		pipeline = c.ackCap > 0
+		if pipeline = c.pipelining(h); pipeline {
+			c.wr.window = c.newACKWindow(h.maxFrameSize)
+		}
 	}
 	c.caps = agentCaps(h.caps, pipeline)
 	if c.caps&capAsync != 0 && !c.agent.engines.admit(h.engineID) {

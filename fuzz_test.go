@@ -923,7 +923,7 @@ func FuzzACK(f *testing.F) {
 		// Through the agent's ActionWriter: what it accepts comes back as
 		// written; what it refuses is refused for a documented reason.
 		var w ActionWriter
-		w.reset(nil, 1, 2, DefaultMaxFrameSize, 0, 0)
+		w.reset(nil, 1, 2, DefaultMaxFrameSize, 0)
 		var accepted []Action
 		for _, a := range actions {
 			if err := a.writeTo(&w); err != nil {

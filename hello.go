@@ -228,10 +228,12 @@ const helloHoldPoll = 200 * time.Microsecond
 var maxDisconnectFrame = len(appendDisconnect(nil, frameAgentDisconnect,
 	Status(math.MaxUint32), strings.Repeat("x", maxDisconnectMessage)))
 
-// pipelinedACKCap returns S, the largest ACK frame (its 4-byte LENGTH
-// included) the agent writes on a connection of a HAProxy 3.1+ that
-// announced max-frame-size haproxyMaxFrame if it pipelines with it: with
-// every ACK at most S bytes, HAProxy's demux buffer never stalls.
+// pipelinedWindow returns the bytes the last muxStreamsLimit ACK frames
+// (their 4-byte LENGTHs included) written on a connection the agent
+// pipelines with a HAProxy 3.1+ that announced max-frame-size
+// haproxyMaxFrame may hold together (see ackWindow), and pipelinedACKCap
+// S, its muxStreamsLimit-th part: the size of an answer the agent calls
+// small. With the window kept, HAProxy's demux buffer never stalls.
 //
 // HAProxy 3.1+ stalls a connection for good when one read fills its demux
 // buffer (mux_spop.c: spop_recv reads at most max = b_room(dbuf) and sets
@@ -247,25 +249,47 @@ var maxDisconnectFrame = len(appendDisconnect(nil, frameAgentDisconnect,
 // gives its place back (spop_strm_close: nb_streams--) only once its ACK
 // was demuxed (in spop_conn_handle_ack, or in the SPOE applet's shutdown
 // or detach after it), and a pipelining connection has at most
-// muxStreamsLimit open (spop_stconn_new refuses more). So at most 20 ACKs are unread,
-// and the agent's last frame, an AGENT-DISCONNECT, may follow them: with
-// 20 × S + maxDisconnectFrame ≤ max-frame-size + 3, less than
-// tune.bufsize, no read can fill the buffer. For the default tune.bufsize
-// of 16384, S is 804 bytes.
+// muxStreamsLimit open (spop_stconn_new refuses more). HAProxy reads the
+// agent's frames in order, so the ACKs it has not demuxed are at most the
+// last 20 written, and the agent's last frame, an AGENT-DISCONNECT, may
+// follow them: with the last 20 ACKs holding at most the window,
+// max-frame-size + 3 - maxDisconnectFrame, all of it is less than
+// tune.bufsize, and no read can fill the buffer. For the default
+// tune.bufsize of 16384 the window is 16,088 bytes and S 804 bytes.
 //
 // The bound assumes that streams end through their ACK: one HAProxy ended
 // without it ("timeout processing", an aborted client) frees its place
 // while its ACK may still come, and the agent cannot see that. Without
 // pipelining the same holds of one ACK per stream.
-func pipelinedACKCap(haproxyMaxFrame uint64) int {
+func pipelinedWindow(haproxyMaxFrame uint64) int {
 	if haproxyMaxFrame > math.MaxInt32 {
 		haproxyMaxFrame = math.MaxInt32
 	}
-	room := int(haproxyMaxFrame) + lengthSize - 1 - maxDisconnectFrame
-	if room < 0 {
-		return 0
+	if room := int(haproxyMaxFrame) + lengthSize - 1 - maxDisconnectFrame; room > 0 {
+		return room
 	}
-	return room / muxStreamsLimit
+	return 0
+}
+
+func pipelinedACKCap(haproxyMaxFrame uint64) int {
+	return pipelinedWindow(haproxyMaxFrame) / muxStreamsLimit
+}
+
+// newACKWindow returns the window of a connection the agent pipelines
+// with a HAProxy 3.1+ that announced max-frame-size haproxyMaxFrame.
+func (c *conn) newACKWindow(haproxyMaxFrame uint64) *ackWindow {
+	return &ackWindow{
+		limit:  pipelinedWindow(haproxyMaxFrame),
+		errVar: c.cfg.errorVar,
+		refused: func() {
+			c.agent.answers.capped.Store(true)
+			c.stats.actionsRefused.Add(1)
+			if ok, held := c.cfg.logs.allow("window"); ok {
+				logHeld(c.cfg, held, "ACKs replaced by the error variable")
+				c.log().Warn("spoe: an ACK replaced by the error variable: with the ACKs written just before it, it could have stalled HAProxy 3.1+ (see the README, Known HAProxy issues)")
+			}
+		},
+	}
 }
 
 // answerSizes is what the agent learnt of its answers' size, on every
@@ -274,14 +298,12 @@ func pipelinedACKCap(haproxyMaxFrame uint64) int {
 type answerSizes struct {
 	built  atomic.Uint32 // ACKs built by the handler, counted up to learnACKs
 	max    atomic.Int64  // the largest of them, LENGTH included
-	capped atomic.Bool   // an answer was refused for a pipelinedACKCap
+	capped atomic.Bool   // an ackWindow replaced an ACK
 	live   atomic.Int32  // 3.1+ connections past their HELLO's verdict or waiting for it, not closed
 }
 
-// observe records one ACK the handler's answer made, n bytes long;
-// overCap says that an action was refused for the connection's
-// pipelinedACKCap (the answer was bigger than n).
-func (s *answerSizes) observe(n int, overCap bool) {
+// observe records one ACK the handler's answer made, n bytes long.
+func (s *answerSizes) observe(n int) {
 	if s.built.Load() < learnACKs {
 		s.built.Add(1)
 	}
@@ -290,9 +312,6 @@ func (s *answerSizes) observe(n int, overCap bool) {
 		if int64(n) <= m || s.max.CompareAndSwap(m, int64(n)) {
 			break
 		}
-	}
-	if overCap {
-		s.capped.Store(true)
 	}
 }
 
@@ -311,11 +330,10 @@ func (s *answerSizes) verdict(capBytes, minCap int) (pipeline, learnt bool) {
 }
 
 // pipelining decides, at the handshake with a HAProxy 3.1+ (h), whether
-// the agent answers "pipelining", and returns the cap of the connection's
-// ACKs (pipelinedACKCap), 0 when it does not pipeline.
+// the agent answers "pipelining".
 //
 // The agent pipelines once it has built learnACKs ACKs, none of them above
-// the cap, and no answer was refused for a cap since: until then (a fresh
+// pipelinedACKCap, and no ACK was replaced by its ackWindow since: until then (a fresh
 // agent) it answers as to a connection whose answers may be big, without
 // "pipelining". At the agent's start HAProxy opens many connections at
 // once, and it keeps and reuses them: answered so, they would carry the
@@ -324,16 +342,19 @@ func (s *answerSizes) verdict(capBytes, minCap int) (pipeline, learnt bool) {
 // it), a HELLO waits for the verdict, at most helloHoldMax. A health check
 // never waits.
 //
-// On a pipelining connection the cap is kept by ActionWriter: an action
-// that would make the ACK longer is refused (the error variable tells
-// HAProxy's rules, as for max-frame-size), and the refusal stops
-// "pipelining" for the connections opened afterwards. HAProxy keeps those
-// already open, and prefers them (backend.c, be_reuse_connection takes a
-// connection with room for streams before an idle one): after answers
-// grew above the cap, nearly all of them are refused while the load lasts.
-func (c *conn) pipelining(h haproxyHello) int {
+// On a pipelining connection the connection's ackWindow keeps HAProxy
+// safe: a big answer goes out whole when the ACKs written just before it
+// leave room (an occasional big answer among small ones), and is replaced
+// by the error variable otherwise (HAProxy's rules see it, as for an
+// action refused for max-frame-size); an answer above the cap, or a
+// replacement, stops "pipelining" for the connections opened afterwards.
+// HAProxy keeps those already open, and prefers them (backend.c,
+// be_reuse_connection takes a connection with room for streams before an
+// idle one): after answers grew above the cap for good, only about one big
+// answer in muxStreamsLimit gets through on them while the load lasts.
+func (c *conn) pipelining(h haproxyHello) bool {
 	if h.healthcheck {
-		return 0
+		return false
 	}
 	capBytes := pipelinedACKCap(h.maxFrameSize)
 	minCap := lengthSize + maxFrameHeader + 1 + c.cfg.errorVarRoom
@@ -353,10 +374,7 @@ func (c *conn) pipelining(h haproxyHello) int {
 			pipeline, learnt = s.verdict(capBytes, minCap)
 		}
 	}
-	if !pipeline {
-		return 0
-	}
-	return capBytes
+	return pipeline
 }
 
 // muxEngine reports whether a HAProxy that offered offered runs the 3.1+

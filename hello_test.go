@@ -219,8 +219,8 @@ func TestPipelinedACKCap(t *testing.T) {
 }
 
 // TestAnswerSizesVerdict: pipelining once learnACKs ACKs were built, all
-// at most the cap (S passes, S+1 does not), none refused for a cap, and
-// the cap large enough for an ACK with the error variable.
+// at most the cap (S passes, S+1 does not), none replaced by an ackWindow,
+// and the cap large enough for an ACK with the error variable.
 func TestAnswerSizesVerdict(t *testing.T) {
 	const capB, minCap = 804, 40
 	check := func(s *answerSizes, capB int, wantPipeline, wantLearnt bool, what string) {
@@ -232,34 +232,35 @@ func TestAnswerSizesVerdict(t *testing.T) {
 	var s answerSizes
 	check(&s, capB, false, false, "fresh agent")
 	for i := 0; i < learnACKs-1; i++ {
-		s.observe(capB, false)
+		s.observe(capB)
 	}
 	check(&s, capB, false, false, "one ACK short of learnACKs")
-	s.observe(30, false)
+	s.observe(30)
 	check(&s, capB, true, true, "learnACKs ACKs of at most S")
 	check(&s, capB-1, false, true, "a HAProxy whose S is below the largest ACK")
 	check(&s, minCap-1, false, true, "a cap too small for the error variable")
-	s.observe(capB+1, false)
+	s.observe(capB + 1)
 	check(&s, capB, false, true, "one ACK of S+1")
 
 	var big answerSizes
-	big.observe(capB+1, false)
+	big.observe(capB + 1)
 	check(&big, capB, false, true, "a first ACK above S decides at once")
 
 	var refused answerSizes
 	for i := 0; i < learnACKs; i++ {
-		refused.observe(30, false)
+		refused.observe(30)
 	}
 	check(&refused, capB, true, true, "small answers")
-	refused.observe(60, true)
-	check(&refused, capB, false, true, "an answer refused for the cap")
+	refused.capped.Store(true) // what an ackWindow does when it replaces an ACK
+	check(&refused, capB, false, true, "an ACK replaced by a window")
 }
 
 // TestPipeliningLearnt, with a Client offering what 3.1+ offers: a fresh
 // agent does not pipeline; a HELLO that comes while the first connection
-// learns waits for the verdict and pipelines; there an answer above the
-// cap is refused (the error variable instead), and the connections opened
-// after it do not pipeline.
+// learns waits for the verdict and pipelines; there big answers go whole
+// while the window of the last ACKs has room, and the next is replaced by
+// the error variable; the connections opened after an answer above the cap
+// do not pipeline.
 func TestPipeliningLearnt(t *testing.T) {
 	defer func(d time.Duration) { helloHoldMax = d }(helloHoldMax)
 	helloHoldMax = 10 * time.Second // the race detector on a busy machine
@@ -288,18 +289,40 @@ func TestPipeliningLearnt(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, "pipelining,fragmentation", h.caps.String(), "the HELLO held while the agent learnt")
 
-	p2.send(notifyNamed("big", 1, 1))
-	f = p2.next()
-	require.Equal(t, frameAck, f.typ)
-	acts, err := decodeActions(f.payload)
-	require.NoError(t, err)
-	require.Len(t, acts, 1, "%v", acts)
-	assert.Equal(t, ActionSetVar{Name: DefaultErrorVar, Scope: VarScopeTransaction, Value: true}, acts[0])
+	whole := 0
+	for sid := uint64(1); ; sid++ {
+		p2.send(notifyNamed("big", sid, 1))
+		f = p2.next()
+		require.Equal(t, frameAck, f.typ)
+		require.Equal(t, sid, f.streamID)
+		acts, err := decodeActions(f.payload)
+		require.NoError(t, err)
+		require.Len(t, acts, 1, "%v", acts)
+		if acts[0] == (ActionSetVar{Name: DefaultErrorVar, Scope: VarScopeTransaction, Value: true}) {
+			break
+		}
+		require.Equal(t, big, acts[0].(ActionSetVar).Value)
+		whole++
+	}
+	ackLen := len(rawFrame(frameAck, flagFin, 1, 1, appendTestSetString("v", big)))
+	assert.Equal(t, pipelinedWindow(16380)/ackLen, whole, "big ACKs of %d bytes written whole until the window is full", ackLen)
+	assert.Equal(t, uint64(1), a.Stats().ActionsRefused)
 
 	c3 := dialAgent(t, addr, ClientConfig{})
 	assert.Equal(t, "fragmentation", c3.Capabilities(), "after an answer above the cap")
-	acts, err = c3.Notify(notifyCtx(t), ClientMessage{Name: "big"})
+	acts, err := c3.Notify(notifyCtx(t), ClientMessage{Name: "big"})
 	require.NoError(t, err)
 	require.Len(t, acts, 1)
 	assert.Equal(t, big, acts[0].(ActionSetVar).Value, "without pipelining, the big answer goes whole")
+}
+
+// appendTestSetString is the payload of an ACK setting txn.name to value.
+func appendTestSetString(name, value string) []byte {
+	var w ActionWriter
+	w.reset(nil, 1, 1, 1<<20, 0)
+	_ = w.SetString(VarScopeTransaction, name, value)
+	_, rest, _ := splitFrame(w.finish())
+	_ = rest
+	f, _ := parseFrame(w.buf[lengthSize:])
+	return f.payload
 }

@@ -124,7 +124,7 @@ func TestRouterNoAlloc(t *testing.T) {
 	require.NoError(t, r.indexMessages(payload))
 	w := newTestWriter(1, 1, 16380)
 	allocs := testing.AllocsPerRun(1000, func() {
-		w.reset(w.buf[:0], 1, 1, 16380, 0, 0)
+		w.reset(w.buf[:0], 1, 1, 16380, 0)
 		_ = rt.ServeSPOE(w, r)
 	})
 	assert.Zero(t, allocs)

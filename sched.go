@@ -252,7 +252,7 @@ func (c *conn) handle(streamID, frameID uint64, payload []byte) error {
 	}
 	ex.req.parent, ex.req.streamID, ex.req.frameID = c.requestContext(), streamID, frameID
 	ex.req.ctx, ex.req.cancel, ex.req.sealed, ex.req.engineID = nil, nil, false, c.engineID
-	ex.w.reset(ex.ack[:0], streamID, frameID, c.maxFrame, c.ackCap, c.cfg.prefixLen)
+	ex.w.reset(ex.ack[:0], streamID, frameID, c.maxFrame, c.cfg.prefixLen)
 	sampled := c.calls%latencySampling == 0
 	c.calls++
 
@@ -325,7 +325,7 @@ func (c *conn) run(ex *exchange, sampled bool) []byte {
 	}
 	ack := ex.w.finish()
 	ex.ack = ack[:0]
-	c.agent.answers.observe(len(ack), ex.w.overCap)
+	c.agent.answers.observe(len(ack))
 	ex.req.sealed, ex.w.sealed = poisonViews, poisonViews
 	return ack
 }
