@@ -34,6 +34,9 @@ type bigAnswerLoad struct {
 	// smallFor: the answers are of 1 byte for that long after the agent
 	// starts, of size after.
 	smallFor time.Duration
+	// bigEvery, if set: one answer in bigEvery is of size, the others of
+	// 1 byte (the agent learns from small ones first, as with smallFor).
+	bigEvery int64
 }
 
 // slowAnswer: a request that took that long is counted slow. A stalled
@@ -88,12 +91,13 @@ func runBigAnswers(t *testing.T, hp haproxyBinary, load bigAnswerLoad) bigAnswer
 		payload[i] = 'a' + byte(i%26)
 	}
 	start := time.Now()
+	var answers atomic.Int64
 	a := &spoe.Agent{Handler: spoe.HandlerFunc(func(w *spoe.ActionWriter, r *spoe.Request) error {
 		n := load.size
 		if n < 0 {
 			n = largestString(16380, r.StreamID(), r.FrameID(), "big")
 		}
-		if time.Since(start) < load.smallFor {
+		if time.Since(start) < load.smallFor || load.bigEvery > 0 && answers.Add(1)%load.bigEvery != 0 {
 			n = 1
 		}
 		return w.SetString(txn, "big", string(payload[:n]))
@@ -161,7 +165,7 @@ spoe-message big
 				case err != nil:
 					atomic.AddInt64(&res.transport, 1)
 				case r.header.Get("X-Spoe-Error") == "" && bigLen != "" &&
-					(load.size < 0 || bigLen == strconv.Itoa(load.size) || load.smallFor > 0 && bigLen == "1"):
+					(load.size < 0 || bigLen == strconv.Itoa(load.size) || (load.smallFor > 0 || load.bigEvery > 0) && bigLen == "1"):
 					atomic.AddInt64(&res.ok, 1)
 					if bigLen != "1" {
 						atomic.AddInt64(&res.bigOK, 1)
@@ -274,6 +278,29 @@ func TestE2EBigAnswersAfterSmall(t *testing.T) {
 					}
 				})
 			}
+		}
+	})
+}
+
+// TestE2EOccasionalBigAnswers: 4,000-byte answers, one in 50, among 1-byte
+// ones, 40 clients at once, once the agent pipelines with 3.1+: the window
+// of the last ACKs (ackWindow) lets a big answer through whole unless
+// three others came just before it on its connection, so nearly all of
+// them reach HAProxy, and nothing stalls.
+func TestE2EOccasionalBigAnswers(t *testing.T) {
+	forEachHAProxy(t, func(t *testing.T, hp haproxyBinary) {
+		res := runBigAnswers(t, hp, bigAnswerLoad{size: 4000, clients: 40, duration: 3 * time.Second, bigEvery: 50})
+		if res.failed != 0 || res.transport != 0 || res.slow != 0 || res.bigOK == 0 {
+			t.Errorf("%d ok (%d big), %d failed (first: %s), %d transport errors, %d slower than 2s; want every request answered",
+				res.ok, res.bigOK, res.failed, res.firstFailure, res.transport, res.slow)
+		}
+		// With one big answer in 50, three more among the 19 ACKs before
+		// one on its connection come less than once in a hundred.
+		if res.capped*20 > res.bigOK {
+			t.Errorf("%d big answers whole, %d replaced by the error variable: want nearly all whole", res.bigOK, res.capped)
+		}
+		if !hp.is26() && res.pipelined == 0 {
+			t.Errorf("no AGENT-HELLO with pipelining (%d in all)", res.hellos)
 		}
 	})
 }
