@@ -111,7 +111,9 @@ func (a ActionUnsetVar) writeTo(w *ActionWriter) error { return w.UnsetVar(a.Sco
 // the error variable). A refused action is not written; its error is
 // returned and also logged and counted by the agent, which sets the error
 // variable (Agent.ErrorVar) in the ACK, so that no variable is lost
-// silently.
+// silently. (On a connection the agent pipelines with HAProxy 3.1+, an ACK
+// that could stall HAProxy is replaced as a whole when it is written: see
+// ackWindow.)
 type ActionWriter struct {
 	buf       []byte // output; the ACK frame starts at start
 	start     int

@@ -152,7 +152,8 @@ type config struct {
 	maxNotifyMessages int         // the simple API's decoding bound
 	maxNotifyArgs     int         //
 	logs              *logLimiter // the Agent's: rate of failure logs
-	keepPipelining    bool        // tests only: see agentCaps
+	keepPipelining    bool        // tests only: see Agent.keepPipelining
+	noPipelining      bool        //
 }
 
 func (a *Agent) config() *config {
@@ -173,6 +174,7 @@ func (a *Agent) config() *config {
 		maxNotifyArgs:     a.maxNotifyArgs(),
 		logs:              &a.logs,
 		keepPipelining:    a.keepPipelining,
+		noPipelining:      a.noPipelining,
 	}
 }
 

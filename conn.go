@@ -61,7 +61,7 @@ type conn struct {
 	// started after it read them).
 	maxFrame        int
 	haproxyMaxFrame uint64 // HAProxy's own, announced in its HELLO (see oversized)
-	muxEngine       bool   // HAProxy 3.1+ (see agentCaps, goodbye)
+	muxEngine       bool   // HAProxy 3.1+ (see conn.pipelining, goodbye)
 	caps            capabilities
 	engineID        string
 	handshaken      bool
@@ -76,6 +76,7 @@ type conn struct {
 
 	lifeMu sync.Mutex
 	closed bool
+	live   bool               // counted in Agent.answers.live (conn.pipelining)
 	engine *engine            // async connections only
 	ctx    context.Context    // parent of request contexts
 	cancel context.CancelFunc //
@@ -128,7 +129,13 @@ func (c *conn) handshake() error {
 	c.rd.maxFrame = c.maxFrame
 	c.haproxyMaxFrame = h.maxFrameSize
 	c.muxEngine = muxEngine(h.caps)
-	c.caps = agentCaps(h.caps, c.cfg.keepPipelining) // HAProxy 3.1+: see agentCaps
+	pipeline := c.cfg.keepPipelining
+	if c.muxEngine && !pipeline && !c.cfg.noPipelining {
+		if pipeline = c.pipelining(h); pipeline {
+			c.wr.window = c.newACKWindow(h.maxFrameSize)
+		}
+	}
+	c.caps = agentCaps(h.caps, pipeline)
 	if c.caps&capAsync != 0 && !c.agent.engines.admit(h.engineID) {
 		c.caps &^= capAsync // MaxEngines reached
 	}
@@ -445,7 +452,11 @@ func (c *conn) closeSocket() {
 		c.lifeMu.Lock()
 		c.closed = true
 		e, cancel := c.engine, c.cancel
+		live := c.live
 		c.lifeMu.Unlock()
+		if live {
+			c.agent.answers.live.Add(-1)
+		}
 		if e != nil {
 			e.leave(c)
 		}

@@ -325,6 +325,7 @@ func (c *conn) run(ex *exchange, sampled bool) []byte {
 	}
 	ack := ex.w.finish()
 	ex.ack = ack[:0]
+	c.agent.answers.observe(len(ack))
 	ex.req.sealed, ex.w.sealed = poisonViews, poisonViews
 	return ack
 }
