@@ -5,6 +5,7 @@ import (
 	"net"
 	"net/netip"
 	"strconv"
+	"unsafe"
 
 	"github.com/pkg/errors"
 )
@@ -110,7 +111,9 @@ func (a ActionUnsetVar) writeTo(w *ActionWriter) error { return w.UnsetVar(a.Sco
 // the error variable). A refused action is not written; its error is
 // returned and also logged and counted by the agent, which sets the error
 // variable (Agent.ErrorVar) in the ACK, so that no variable is lost
-// silently.
+// silently. (On a connection the agent pipelines with HAProxy 3.1+, an ACK
+// that could stall HAProxy is replaced as a whole when it is written: see
+// ackWindow.)
 type ActionWriter struct {
 	buf       []byte // output; the ACK frame starts at start
 	start     int
@@ -120,6 +123,19 @@ type ActionWriter struct {
 	err       error
 	refused   int
 	sealed    bool
+
+	// Variable names checkVarName accepted, kept across ACKs: a handler
+	// sets the same few names again and again, usually string constants,
+	// found here by their address.
+	ok     [4]checkedName
+	okNext int // the next of ok to replace
+}
+
+// checkedName is a variable name accepted for a scope and var-prefix.
+type checkedName struct {
+	name   string
+	scope  VarScope
+	prefix int
 }
 
 // reset prepares w to build the ACK of (streamID, frameID) at the end of
@@ -269,8 +285,12 @@ func (w *ActionWriter) begin(action byte, scope VarScope, name string) (int, err
 	if int(scope) >= len(scopeNames) {
 		return 0, w.refuse(errors.Wrapf(ErrVarScope, "%d for %q", scope, name))
 	}
-	if err := checkVarName(scope, name, w.prefixLen); err != nil {
-		return 0, w.refuse(err)
+	if !w.checked(scope, name) {
+		if err := checkVarName(scope, name, w.prefixLen); err != nil {
+			return 0, w.refuse(err)
+		}
+		w.ok[w.okNext] = checkedName{name, scope, w.prefixLen}
+		w.okNext = (w.okNext + 1) % len(w.ok)
 	}
 	mark := len(w.buf)
 	nbArgs := byte(3)
@@ -303,6 +323,19 @@ func (w *ActionWriter) refuse(err error) error {
 // empty, with a character outside [A-Za-z0-9_.], or too long for
 // <scope>.<prefix>.<name> to fit 63 bytes. prefixLen is the length of the
 // var-prefix; 0 means unknown, checked as the shortest possible (1).
+// checked reports whether name in scope was accepted before: the same
+// string (same bytes at the same address; Go strings do not change).
+func (w *ActionWriter) checked(scope VarScope, name string) bool {
+	p := unsafe.StringData(name)
+	for i := range w.ok {
+		c := &w.ok[i]
+		if p == unsafe.StringData(c.name) && len(name) == len(c.name) {
+			return scope == c.scope && w.prefixLen == c.prefix && name != ""
+		}
+	}
+	return false
+}
+
 func checkVarName(scope VarScope, name string, prefixLen int) error {
 	if name == "" {
 		return errors.Wrap(ErrVarName, "empty name")

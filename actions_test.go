@@ -130,6 +130,23 @@ func TestVarNameLengths(t *testing.T) {
 	assert.NoError(t, checkVarName(VarScopeTransaction, "A.b_9", 1))
 }
 
+// TestVarNameCheckedOnce: a name accepted once is not checked again, but
+// only for the same scope and var-prefix: the same string is still refused
+// where it is too long.
+func TestVarNameCheckedOnce(t *testing.T) {
+	name := strings.Repeat("a", 57) // fits txn.<p>.name, not proc.<p>.name
+	w := newTestWriter(1, 1, 16380)
+	w.prefixLen = 1
+	require.NoError(t, w.SetInt(VarScopeTransaction, name, 1))
+	require.NoError(t, w.SetInt(VarScopeTransaction, name, 2))
+	assert.ErrorIs(t, w.SetInt(VarScopeProcess, name, 3), ErrVarName)
+	require.NoError(t, w.SetInt(VarScopeTransaction, name, 4))
+	w.prefixLen = 2
+	assert.ErrorIs(t, w.SetInt(VarScopeTransaction, name, 5), ErrVarName, "a longer var-prefix")
+	assert.ErrorIs(t, w.SetInt(VarScopeTransaction, "", 6), ErrVarName)
+	assert.Equal(t, 3, w.refused)
+}
+
 func TestTypedSetters(t *testing.T) {
 	w := newTestWriter(1, 1, 16380)
 	require.NoError(t, w.SetInt(VarScopeSession, "i", -1))
@@ -244,4 +261,83 @@ func BenchmarkEncodeACK(b *testing.B) {
 			_ = w.finish()
 		}
 	})
+}
+
+// TestACKWindow: on a connection pipelining with HAProxy 3.1+, the ACKs
+// written go out as they are while the last muxStreamsLimit of them hold
+// at most the window; one that would exceed it is replaced by an ACK of
+// the same ids that sets only the error variable, wherever it is in a run.
+func TestACKWindow(t *testing.T) {
+	ack := func(sid uint64, n int) []byte { // an ACK frame of n bytes in all
+		var w ActionWriter
+		w.reset(nil, sid, 1, 16380, 0)
+		v := 0
+		for {
+			w.reset(w.buf[:0], sid, 1, 16380, 0)
+			require.NoError(t, w.SetString(VarScopeTransaction, "v", strings.Repeat("x", v)))
+			if b := w.finish(); len(b) >= n {
+				require.Equal(t, n, len(b), "an ACK of exactly %d bytes", n)
+				return append([]byte(nil), b...)
+			}
+			v++
+		}
+	}
+	limit := pipelinedWindow(16380)
+	require.Equal(t, 16088, limit, "the window of HAProxy's default tune.bufsize")
+	require.Equal(t, 804, pipelinedACKCap(16380))
+	refused := 0
+	w := &ackWindow{limit: limit, errVar: "error", refused: func() { refused++ }}
+
+	// 19 small ACKs and one that fills the window exactly: all written.
+	var run []byte
+	for sid := uint64(1); sid <= 19; sid++ {
+		run = append(run, ack(sid, 100)...)
+	}
+	big := ack(20, limit-19*100)
+	run = append(run, big...)
+	assert.Equal(t, run, w.admit(run), "a run that fits is written as it is")
+	assert.Zero(t, refused)
+
+	// The next ACK replaces the oldest small one in the window: one byte
+	// more than it would exceed the window: replaced, in the middle of a
+	// run; a smaller one after it fits.
+	next := append(append(append([]byte(nil), ack(21, 101)...), ack(22, 30)...), notifyNamed("x", 1, 1)...)
+	out := w.admit(next)
+	assert.Equal(t, 1, refused)
+	var got []frame
+	for f, rest, ok := splitFrame(out); ok; f, rest, ok = splitFrame(rest) {
+		fr, err := parseFrame(f[lengthSize:])
+		require.NoError(t, err)
+		got = append(got, fr)
+	}
+	require.Len(t, got, 3, "every frame kept, in order")
+	assert.Equal(t, frameAck, got[0].typ)
+	assert.Equal(t, uint64(21), got[0].streamID)
+	assert.Equal(t, uint64(1), got[0].frameID)
+	actions, err := decodeActions(got[0].payload)
+	require.NoError(t, err)
+	assert.Equal(t, []Action{ActionSetVar{Name: "error", Scope: VarScopeTransaction, Value: true}}, actions, "the error variable alone")
+	assert.Equal(t, uint64(22), got[1].streamID)
+	assert.Equal(t, ack(22, 30), out[len(out)-len(next)+len(ack(21, 101)):][:30], "the ACK after it as it was")
+	assert.Equal(t, frameNotify, got[2].typ, "frames other than ACKs pass and count nothing")
+
+	// Another big one while the first is among the last 20: replaced.
+	big2 := ack(30, limit-19*100)
+	assert.NotEqual(t, big2, w.admit(big2))
+	assert.Equal(t, 2, refused)
+	// 19 small ones later, the window holds them and one older, small
+	// ACK: a big one fits again.
+	for sid := uint64(31); sid < 31+19; sid++ {
+		assert.Equal(t, ack(sid, 100), w.admit(ack(sid, 100)))
+	}
+	big3 := ack(50, limit-19*100)
+	assert.Equal(t, big3, w.admit(big3))
+	assert.Equal(t, 2, refused)
+
+	// Without an error variable, the replacement has no action.
+	w = &ackWindow{limit: 1000}
+	out = w.admit(ack(60, 1001))
+	fr, err := parseFrame(out[lengthSize:])
+	require.NoError(t, err)
+	assert.Equal(t, []byte{actionNoop}, fr.payload)
 }

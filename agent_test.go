@@ -239,7 +239,7 @@ func TestCoalescedWrites(t *testing.T) {
 	a := New(seedHandler)
 	p := dialRaw(t, startAgent(t, a))
 	p.hello("pipelining", "e", 16380)
-	writes := a.Stats().Writes
+	before := a.Stats()
 	payload, err := appendMessages(nil, []ClientMessage{ipRep(net.IP{1, 1, 1, 1})})
 	require.NoError(t, err)
 	var batch []byte
@@ -253,9 +253,13 @@ func TestCoalescedWrites(t *testing.T) {
 		require.Equal(t, frameAck, f.typ)
 		seen[f.streamID] = true
 	}
-	w := a.Stats().Writes - writes
-	t.Logf("50 ACKs in %d writes", w)
-	assert.Less(t, w, uint64(10), "ACKs of one read share a write")
+	after := a.Stats()
+	w, rescues := after.Writes-before.Writes, after.Rescues-before.Rescues
+	t.Logf("50 ACKs in %d writes, %d handlers rescued", w, rescues)
+	// A handler that outlasts the inline budget (a loaded machine, the
+	// race detector) is rescued: its ACK leaves alone, and the reader's
+	// run of ACKs is cut there.
+	assert.Less(t, w, 10+2*rescues, "ACKs of one read share a write")
 }
 
 func TestHealthCheck(t *testing.T) {
@@ -390,6 +394,8 @@ func TestAsyncACKOnSibling(t *testing.T) {
 	origin := dialEngine(t, addr, "pipelining,async", "engine-A")
 	sibling := dialEngine(t, addr, "pipelining,async", "engine-A")
 	stranger := dialEngine(t, addr, "pipelining,async", "engine-B")
+	// A connection joins its engine just after its AGENT-HELLO is out.
+	waitFor(t, func() bool { return a.engines.lookup("engine-A") == 2 }, "both joined engine-A")
 
 	origin.send(notifyNamed("slow", 77, 3))
 	<-g.started

@@ -212,16 +212,82 @@ func TestMessageStatsNoAlloc(t *testing.T) {
 	payload, err := appendMessages(nil, []ClientMessage{heavyMessage, ipRepMessage})
 	require.NoError(t, err)
 	require.NoError(t, r.indexMessages(payload))
-	tbl.count(r)
-	assert.Zero(t, testing.AllocsPerRun(1000, func() { tbl.count(r) }))
+	tbl.count(r, nil)
+	assert.Zero(t, testing.AllocsPerRun(1000, func() { tbl.count(r, nil) }))
 	for i := 0; i < MaxStatsMessages; i++ {
 		tbl.get([]byte(fmt.Sprint(i)))
 	}
 	other, err := appendMessages(nil, []ClientMessage{{Name: "unknown"}})
 	require.NoError(t, err)
 	require.NoError(t, r.indexMessages(other))
-	assert.Zero(t, testing.AllocsPerRun(1000, func() { tbl.count(r) }))
-	assert.Equal(t, &tbl.other, r.mstats[0])
+	assert.Zero(t, testing.AllocsPerRun(1000, func() { tbl.count(r, nil) }))
+	assert.Equal(t, []*messageStats{&tbl.other}, counted(r))
+}
+
+// TestMessageStatsRecent: a connection's recent names count as the table
+// does, without allocating, and a name beyond the cap is not taken for
+// another.
+func TestMessageStatsRecent(t *testing.T) {
+	var tbl messageTable
+	var recent recentStats
+	r := &Request{}
+	payload, err := appendMessages(nil, []ClientMessage{heavyMessage, ipRepMessage, heavyMessage})
+	require.NoError(t, err)
+	require.NoError(t, r.indexMessages(payload))
+	tbl.count(r, &recent)
+	// AllocsPerRun runs it 1001 times: 1,002 NOTIFYs in all.
+	assert.Zero(t, testing.AllocsPerRun(1000, func() { tbl.count(r, &recent) }))
+	assert.Empty(t, tbl.snapshot()[ipRepMessage.Name].Requests, "counted at the next flush")
+	recent.flush()
+	snap := tbl.snapshot()
+	assert.Equal(t, uint64(2*1002), snap[heavyMessage.Name].Requests)
+	assert.Equal(t, uint64(1002), snap[ipRepMessage.Name].Requests)
+	assert.Equal(t, []*messageStats{tbl.get([]byte(heavyMessage.Name)), tbl.get([]byte(ipRepMessage.Name))}, counted(r),
+		"the counters of each first name, once")
+
+	for i := 0; len(tbl.snapshot()) < MaxStatsMessages; i++ {
+		tbl.get([]byte(fmt.Sprint("m", i)))
+	}
+	unnamed, err := appendMessages(nil, []ClientMessage{{Name: "late"}, {Name: ""}})
+	require.NoError(t, err)
+	require.NoError(t, r.indexMessages(unnamed))
+	tbl.count(r, &recent)
+	tbl.count(r, &recent)
+	recent.flush()
+	assert.Equal(t, uint64(4), tbl.snapshot()[OtherMessages].Requests)
+	assert.Equal(t, uint64(2*1002), tbl.snapshot()[heavyMessage.Name].Requests)
+}
+
+// TestMessageStatsNameWord: names compared as a word (at most 8 bytes) or
+// whole are told apart by every byte, wherever they sit in the frame.
+func TestMessageStatsNameWord(t *testing.T) {
+	var tbl messageTable
+	var recent recentStats
+	names := []string{"ab", "ac", "abcdefgh", "abcdefgi", "abcdefghi", "abcdefghj", "a", "a\x00", "b"}
+	want := map[string]uint64{}
+	for round := 0; round < 3; round++ {
+		for i, name := range names {
+			for k := 0; k <= i%3; k++ { // the same name again, and the next one
+				// An argument after the name, or none: the name ends 1
+				// byte before the frame, too near for a word.
+				var args []Arg
+				if (round+k)%2 == 0 {
+					args = []Arg{{"x", "0123456789"}}
+				}
+				r := &Request{}
+				payload, err := appendMessages(nil, []ClientMessage{{Name: name, Args: args}})
+				require.NoError(t, err)
+				require.NoError(t, r.indexMessages(payload))
+				tbl.count(r, &recent)
+				assert.Equal(t, []*messageStats{tbl.get([]byte(name))}, counted(r), name)
+				want[name]++
+			}
+		}
+	}
+	recent.flush()
+	for name, n := range want {
+		assert.Equal(t, n, tbl.snapshot()[name].Requests, name)
+	}
 }
 
 // TestReadyAndHealthHandler: ready while serving, not before nor once

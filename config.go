@@ -169,7 +169,8 @@ type config struct {
 	maxNotifyArgs     int           //
 	buffers           *bufferBudget // the Agent's: MaxBufferBytes
 	logs              *logLimiter   // the Agent's: rate of failure logs
-	keepPipelining    bool          // tests only: see agentCaps
+	keepPipelining    bool          // tests only: see Agent.keepPipelining
+	noPipelining      bool          //
 }
 
 func (a *Agent) config() *config {
@@ -191,6 +192,7 @@ func (a *Agent) config() *config {
 		buffers:           &a.buffers,
 		logs:              &a.logs,
 		keepPipelining:    a.keepPipelining,
+		noPipelining:      a.noPipelining,
 	}
 }
 

@@ -61,7 +61,7 @@ type conn struct {
 	// started after it read them).
 	maxFrame        int
 	haproxyMaxFrame uint64 // HAProxy's own, announced in its HELLO (see oversized)
-	muxEngine       bool   // HAProxy 3.1+ (see agentCaps, goodbye)
+	muxEngine       bool   // HAProxy 3.1+ (see conn.pipelining, goodbye)
 	caps            capabilities
 	engineID        string
 	handshaken      bool
@@ -69,13 +69,15 @@ type conn struct {
 
 	// The reading role's.
 	frag    reassembly
-	ex      *exchange // the exchange of the next inline handler
-	out     *buffer   // ACKs gathered for the next write
-	outPaid int       // bytes of the budget held for out
-	calls   uint64    // handler calls, for sampling their latency
+	ex      *exchange   // the exchange of the next inline handler
+	out     *buffer     // ACKs gathered for the next write
+	outPaid int         // bytes of the budget held for out
+	calls   uint64      // handler calls, for sampling their latency
+	recent  recentStats // the counters of the message names seen last
 
 	lifeMu sync.Mutex
 	closed bool
+	live   bool               // counted in Agent.answers.live (conn.pipelining)
 	engine *engine            // async connections only
 	ctx    context.Context    // parent of request contexts
 	cancel context.CancelFunc //
@@ -130,7 +132,13 @@ func (c *conn) handshake() error {
 	c.rd.maxFrame = c.maxFrame
 	c.haproxyMaxFrame = h.maxFrameSize
 	c.muxEngine = muxEngine(h.caps)
-	c.caps = agentCaps(h.caps, c.cfg.keepPipelining) // HAProxy 3.1+: see agentCaps
+	pipeline := c.cfg.keepPipelining
+	if c.muxEngine && !pipeline && !c.cfg.noPipelining {
+		if pipeline = c.pipelining(h); pipeline {
+			c.wr.window = c.newACKWindow(h.maxFrameSize)
+		}
+	}
+	c.caps = agentCaps(h.caps, pipeline)
 	if c.caps&capAsync != 0 && !c.agent.engines.admit(h.engineID) {
 		c.caps &^= capAsync // MaxEngines reached
 	}
@@ -187,7 +195,7 @@ func (c *conn) loop() error {
 func (c *conn) nextFrame(f *frame) error {
 	for {
 		ok, err := c.rd.buffered(f)
-		if errors.Is(err, errFrameTooBig) {
+		if err != nil && errors.Is(err, errFrameTooBig) {
 			var skip bool
 			if skip, err = c.oversized(err); skip {
 				continue
@@ -356,6 +364,7 @@ func (c *conn) end(err error) {
 		return
 	}
 	c.disarm()
+	c.recent.flush()
 	switch how {
 	case endWriteFailed:
 		// Logged and handled by write; what was gathered since goes to
@@ -442,7 +451,11 @@ func (c *conn) closeSocket() {
 		c.lifeMu.Lock()
 		c.closed = true
 		e, cancel := c.engine, c.cancel
+		live := c.live
 		c.lifeMu.Unlock()
+		if live {
+			c.agent.answers.live.Add(-1)
+		}
 		if e != nil {
 			e.leave(c)
 		}

@@ -54,9 +54,13 @@ func boxed(typ unsafe.Pointer, p unsafe.Pointer) (x interface{}) {
 }
 
 // valueDecoder hands out the values of one NOTIFY from its slab and boxes.
+// The slab is allocated at its first use, with room for every byte of the
+// NOTIFY (slabCap), so that it never grows: a value handed out stays where
+// it is.
 type valueDecoder struct {
-	slab  []byte
-	boxes []valueBox
+	slab    []byte
+	slabCap int
+	boxes   []valueBox
 }
 
 // bytes copies b to box or to the slab and returns a pointer to the copy.
@@ -65,26 +69,12 @@ func (d *valueDecoder) bytes(box *valueBox, b []byte) unsafe.Pointer {
 		copy(box.small[:], b)
 		return unsafe.Pointer(&box.small[0])
 	}
+	if d.slab == nil {
+		d.slab = make([]byte, 0, d.slabCap)
+	}
 	off := len(d.slab)
 	d.slab = append(d.slab, b...)
 	return unsafe.Pointer(&d.slab[off])
-}
-
-// needs reports whether v takes a box, and how many bytes of the slab.
-func needs(v Value) (box bool, slab int) {
-	switch v.typ {
-	case TypeInt32, TypeUint32, TypeInt64, TypeUint64:
-		return true, 0
-	case TypeIPv4, TypeIPv6, TypeString, TypeBinary:
-		if len(v.data) == 0 {
-			return false, 0
-		}
-		if len(v.data) <= len(valueBox{}.small) {
-			return true, 0
-		}
-		return true, len(v.data)
-	}
-	return false, 0
 }
 
 func (d *valueDecoder) box() *valueBox {
@@ -133,57 +123,63 @@ func (d *valueDecoder) value(v Value) interface{} {
 	return nil
 }
 
-// decodeMessages builds the simple API's messages, with copied values. It
-// reads every argument first, so as to size the boxes and the slab
-// exactly, then fills one map per message.
+// decodeMessages builds the simple API's messages, with copied values, in
+// one walk of the frame: one box per argument at most (r.nargs), a slab of
+// at most the frame's size for the bytes that do not fit a box. A NOTIFY of
+// one message (what HAProxy sends for most events) takes its []Message and
+// its boxes from one allocation.
 func (r *Request) decodeMessages() []Message {
 	r.check()
-	var stack [32]pendingArg
-	args := stack[:0]
-	var nboxes, nbytes int
-	for it := r.Messages(); it.Next(); {
-		for a := it.Args(); a.Next(); {
-			args = append(args, pendingArg{a.name, a.value})
-			box, slab := needs(a.value)
-			if box {
-				nboxes++
-			}
-			nbytes += slab
+	d := valueDecoder{slabCap: len(r.payload)}
+	var msgs []Message
+	switch {
+	case r.nmsgs == 1 && r.nargs <= 2:
+		one := new(oneMessage2)
+		msgs, d.boxes = one.msg[:], one.boxes[:r.nargs]
+	case r.nmsgs == 1 && r.nargs <= 8:
+		one := new(oneMessage8)
+		msgs, d.boxes = one.msg[:], one.boxes[:r.nargs]
+	default:
+		msgs = make([]Message, r.nmsgs)
+		if r.nargs > 0 {
+			d.boxes = make([]valueBox, r.nargs)
 		}
 	}
-	var d valueDecoder
-	if nboxes > 0 {
-		d.boxes = make([]valueBox, nboxes)
-	}
-	if nbytes > 0 {
-		d.slab = make([]byte, 0, nbytes)
-	}
-	msgs := make([]Message, r.nmsgs)
 	i, pos := 0, 0
 	for it := r.Messages(); it.Next(); i++ {
-		n := it.NumArgs()
-		msgs[i] = r.decodeMessage(&it, args[:n], &d, pos)
-		args = args[n:]
-		pos += 1 + n
+		msgs[i] = r.decodeMessage(&it, &d, pos)
+		pos += 1 + it.NumArgs()
 	}
 	return msgs
 }
 
-// pendingArg is one argument waiting to go into its message's map.
-type pendingArg struct {
-	name  []byte
-	value Value
+// oneMessage2 and oneMessage8 are the message and boxes of a NOTIFY of one
+// message, in one allocation.
+type oneMessage2 struct {
+	msg   [1]Message
+	boxes [2]valueBox
 }
 
-// decodeMessage builds the simple API's message it is positioned on, of
-// arguments args. pos is its name's place among the names of the NOTIFY,
-// for intern.
-func (r *Request) decodeMessage(it *MessageIterator, args []pendingArg, d *valueDecoder, pos int) Message {
-	m := Message{Name: r.intern(it.name(), pos), Args: make(map[string]interface{}, len(args))}
-	// Of duplicate names the first is kept: stored last, in reverse
-	// order, so that each argument costs one map assignment.
-	for i := len(args) - 1; i >= 0; i-- {
-		m.Args[r.intern(args[i].name, pos+1+i)] = d.value(args[i].value)
+type oneMessage8 struct {
+	msg   [1]Message
+	boxes [8]valueBox
+}
+
+// decodeMessage builds the simple API's message it is positioned on. pos is
+// its name's place among the names of the NOTIFY, for intern.
+func (r *Request) decodeMessage(it *MessageIterator, d *valueDecoder, pos int) Message {
+	args := make(map[string]interface{}, it.NumArgs())
+	m := Message{Name: r.intern(it.name(), pos), Args: args}
+	i := 0
+	for a := it.Args(); a.Next(); i++ {
+		name := r.intern(a.name, pos+1+i)
+		n := len(args)
+		args[name] = d.value(a.value)
+		if len(args) == n {
+			// A name seen before: the first one is kept.
+			first, _ := it.Arg(name)
+			args[name] = first.Interface()
+		}
 	}
 	return m
 }
@@ -347,13 +343,10 @@ func (r *Request) checkDecodeCost() (int, error) {
 	if r.nmsgs > maxMsgs {
 		return 0, &decodeLimitError{"messages", r.nmsgs, maxMsgs}
 	}
-	limit, args := maxArgs, 0
-	for it := r.Messages(); it.Next(); {
-		if args += it.NumArgs(); args > limit {
-			return 0, &decodeLimitError{"arguments", args, limit}
-		}
+	if r.nargs > maxArgs {
+		return 0, &decodeLimitError{"arguments", r.nargs, maxArgs}
 	}
-	return r.nmsgs*decodedMessageCost + args*decodedArgCost + len(r.payload), nil
+	return r.nmsgs*decodedMessageCost + r.nargs*decodedArgCost + len(r.payload), nil
 }
 
 // Interning bounds: names repeat on every request, so the simple API keeps

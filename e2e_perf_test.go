@@ -3,10 +3,12 @@
 package spoe_test
 
 // What the mitigation of HAProxy 3.1+'s stall on big answers costs (issue
-// 8; agentCaps in hello.go, README "Known HAProxy issues"): the agent does
-// not answer "pipelining" to the 3.1+ multiplexer. TestE2EPipeliningCost
-// measures it through real HAProxy: variant A is the default (no
-// pipelining), variant B answers "pipelining" (spoe.KeepPipelining).
+// 8; conn.pipelining in hello.go, README "Known HAProxy issues"): the
+// agent answers "pipelining" to the 3.1+ multiplexer only once it learnt
+// that its answers are small. TestE2EPipeliningCost measures it through
+// real HAProxy: variant A never pipelines (spoe.NoPipelining, the previous
+// mitigation), variant B always does (spoe.KeepPipelining), variant C is
+// the default.
 //
 // It is a measurement, not a pass/fail test: it is built only with the
 // spoeperf tag (the test suite never runs it), asserts nothing and logs a
@@ -35,7 +37,7 @@ import (
 // perfVariant is one agent and its HAProxy, loaded in turns with the other
 // variant.
 type perfVariant struct {
-	name    string // "A" or "B"
+	name    string // "A", "B" or "C"
 	agent   *agentUnderTest
 	h       *haproxyInstance
 	clients []*http.Client
@@ -62,9 +64,16 @@ func perfEnvDuration(name string, def time.Duration) time.Duration {
 	return def
 }
 
+// Pipelining of a perfVariant's agent.
+const (
+	perfNever   = iota // spoe.NoPipelining
+	perfAlways         // spoe.KeepPipelining
+	perfDefault        // the library's rule
+)
+
 // startPerfVariant serves an agent whose handler sets either one int
 // variable (size 0) or one string of size bytes, behind its own HAProxy.
-func startPerfVariant(t *testing.T, hp haproxyBinary, name string, pipelining bool, size int, serverOptions string, nclients int) *perfVariant {
+func startPerfVariant(t *testing.T, hp haproxyBinary, name string, pipelining int, size int, serverOptions string, nclients int) *perfVariant {
 	t.Helper()
 	value := strings.Repeat("x", size)
 	a := &spoe.Agent{Handler: spoe.HandlerFunc(func(w *spoe.ActionWriter, r *spoe.Request) error {
@@ -73,7 +82,10 @@ func startPerfVariant(t *testing.T, hp haproxyBinary, name string, pipelining bo
 		}
 		return w.SetString(txn, "v", value)
 	})}
-	if pipelining {
+	switch pipelining {
+	case perfNever:
+		spoe.NoPipelining(a)
+	case perfAlways:
 		spoe.KeepPipelining(a)
 	}
 	agent := startAgentUnderTest(t, a)
@@ -189,15 +201,17 @@ func (v *perfVariant) summary() string {
 		}
 	}
 	s := v.agent.Stats()
+	pipelined := 0
 	hellos := v.agent.tap.agentHellos()
-	caps := ""
-	if len(hellos) > 0 {
-		caps = hellos[0].capabilities
+	for _, h := range hellos {
+		if strings.Contains(h.capabilities, "pipelining") {
+			pipelined++
+		}
 	}
-	out := fmt.Sprintf("%s req/s median %7.0f [%6.0f–%6.0f]  p50 %7s  p99 %8s  ok %7d  errors %d (set-on-error/no var) + %d transport  conns open %d, accepted %d  caps %q",
+	out := fmt.Sprintf("%s req/s median %7.0f [%6.0f–%6.0f]  p50 %7s  p99 %8s  ok %7d  errors %d (set-on-error/no var) + %d transport  conns open %d, accepted %d, pipelining %d",
 		v.name, medianFloat(v.rps), lo, hi,
 		percentile(v.latencies, 0.50).Round(time.Microsecond), percentile(v.latencies, 0.99).Round(time.Microsecond),
-		v.ok, v.spoeErr, v.transport, s.ConnsOpen, s.ConnsTotal, caps)
+		v.ok, v.spoeErr, v.transport, s.ConnsOpen, s.ConnsTotal, pipelined)
 	if v.firstErr != "" {
 		out += "  first error: " + v.firstErr
 	}
@@ -226,11 +240,13 @@ func perfHAProxies(t *testing.T) []haproxyBinary {
 }
 
 // TestE2EPipeliningCost measures, through real HAProxy 3.1+, requests/s and
-// latency with and without pipelining (A: the default, no pipelining; B:
-// spoe.KeepPipelining), 40 concurrent keep-alive HTTP clients, answers of
-// one int variable and of one 4,000-byte string, the agents' server line
-// with "maxconn 2" and without maxconn. Rounds of A and B alternate (A B,
-// B A, ...), so that other load on the machine falls on both.
+// latency of three agents (A: never pipelining, spoe.NoPipelining; B:
+// always, spoe.KeepPipelining; C: the default rule), 40 concurrent
+// keep-alive HTTP clients, answers of one int variable and of one
+// 4,000-byte string, the agents' server line with "maxconn 2" and without
+// maxconn. Each agent and its HAProxy start cold, then take a one-second
+// warm-up. Rounds of A, B and C rotate (A B C, B C A, C A B, ...), so
+// that other load on the machine falls on all alike.
 func TestE2EPipeliningCost(t *testing.T) {
 	rounds := perfEnvInt("SPOE_PERF_ROUNDS", 8)
 	roundLen := perfEnvDuration("SPOE_PERF_ROUND", 3*time.Second)
@@ -251,54 +267,42 @@ func TestE2EPipeliningCost(t *testing.T) {
 				}
 				name := fmt.Sprintf("%s/%s/%s", hp.version, strings.ReplaceAll(answer, " ", "-"), strings.ReplaceAll(serverName, " ", "-"))
 				t.Run(name, func(t *testing.T) {
-					a := startPerfVariant(t, hp, "A (no pipelining)", false, size, server, clients)
-					b := startPerfVariant(t, hp, "B (pipelining)   ", true, size, server, clients)
-					a.round(time.Second, wantLen, false)
-					b.round(time.Second, wantLen, false)
-					// A B, B A, A B...: each variant goes first in half
-					// of the pairs, so a drift of the machine's load
-					// falls on both alike.
-					for i := 0; i < rounds; i++ {
-						first, second := a, b
-						if i%2 == 1 {
-							first, second = b, a
-						}
-						first.round(roundLen, wantLen, true)
-						second.round(roundLen, wantLen, true)
+					vs := []*perfVariant{
+						startPerfVariant(t, hp, "A (no pipelining)", perfNever, size, server, clients),
+						startPerfVariant(t, hp, "B (pipelining)   ", perfAlways, size, server, clients),
+						startPerfVariant(t, hp, "C (default rule) ", perfDefault, size, server, clients),
 					}
-					delta := 100 * (medianFloat(a.rps) - medianFloat(b.rps)) / medianFloat(b.rps)
+					for _, v := range vs {
+						v.round(time.Second, wantLen, false)
+					}
+					// Each variant goes first, second and third in a
+					// third of the turns, so that a drift of the
+					// machine's load falls on all alike.
+					for i := 0; i < rounds; i++ {
+						for j := range vs {
+							vs[(i+j)%len(vs)].round(roundLen, wantLen, true)
+						}
+					}
+					a, b, c := vs[0], vs[1], vs[2]
 					head := fmt.Sprintf("HAProxy %s, %s answer, server line %q, %d clients, %d rounds of %v each:",
 						hp.version, answer, server, clients, rounds, roundLen)
-					lines := []string{head, "  " + a.summary(), "  " + b.summary(),
-						fmt.Sprintf("  A vs B: requests/s %+.1f%%, p50 %+.1f%%, p99 %+.1f%%", delta,
-							pctChange(percentile(a.latencies, .5), percentile(b.latencies, .5)),
-							pctChange(percentile(a.latencies, .99), percentile(b.latencies, .99)))}
+					lines := []string{head, "  " + a.summary(), "  " + b.summary(), "  " + c.summary()}
+					for _, x := range []*perfVariant{a, c} {
+						lines = append(lines, fmt.Sprintf("  %c vs B: requests/s %+.1f%%, p50 %+.1f%%, p99 %+.1f%%; per turn, requests/s %s",
+							x.name[0], 100*(medianFloat(x.rps)-medianFloat(b.rps))/medianFloat(b.rps),
+							pctChange(percentile(x.latencies, .5), percentile(b.latencies, .5)),
+							pctChange(percentile(x.latencies, .99), percentile(b.latencies, .99)),
+							ratioSummary(x.rps, b.rps)))
+					}
 					for _, l := range lines {
 						t.Log(l)
 					}
-					var ra, rb []string
-					for i := range a.rps {
-						ra = append(ra, fmt.Sprintf("%.0f", a.rps[i]))
-						rb = append(rb, fmt.Sprintf("%.0f", b.rps[i]))
-					}
-					t.Logf("  rounds A: %s", strings.Join(ra, " "))
-					t.Logf("  rounds B: %s", strings.Join(rb, " "))
-					// Each pair of rounds ran back to back: the ratio of
-					// a pair is less sensitive to the machine's other load
-					// than the medians.
-					var ratios []float64
-					for i := range a.rps {
-						if b.rps[i] > 0 {
-							ratios = append(ratios, a.rps[i]/b.rps[i])
+					for _, v := range vs {
+						var r []string
+						for _, x := range v.rps {
+							r = append(r, fmt.Sprintf("%.0f", x))
 						}
-					}
-					if len(ratios) > 0 {
-						sorted := append([]float64(nil), ratios...)
-						sort.Float64s(sorted)
-						l := fmt.Sprintf("  A/B requests/s per pair of rounds: median %.3f [%.3f–%.3f]",
-							medianFloat(ratios), sorted[0], sorted[len(sorted)-1])
-						t.Log(l)
-						lines = append(lines, l)
+						t.Logf("  rounds %c: %s", v.name[0], strings.Join(r, " "))
 					}
 					table = append(table, lines...)
 				})
@@ -306,6 +310,24 @@ func TestE2EPipeliningCost(t *testing.T) {
 		}
 	}
 	t.Log("summary:\n" + strings.Join(table, "\n"))
+}
+
+// ratioSummary is the median, least and greatest of x[i]/b[i]: the rounds
+// of one turn ran back to back, so their ratio is less sensitive to the
+// machine's other load than the medians.
+func ratioSummary(x, b []float64) string {
+	var ratios []float64
+	for i := range x {
+		if i < len(b) && b[i] > 0 {
+			ratios = append(ratios, x[i]/b[i])
+		}
+	}
+	if len(ratios) == 0 {
+		return "-"
+	}
+	sorted := append([]float64(nil), ratios...)
+	sort.Float64s(sorted)
+	return fmt.Sprintf("median ratio %.3f [%.3f–%.3f]", medianFloat(ratios), sorted[0], sorted[len(sorted)-1])
 }
 
 // pctChange is how much a differs from b, in percent of b.

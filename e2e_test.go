@@ -49,7 +49,7 @@ func TestE2EScenariosPerVersion(t *testing.T) {
 		t.Run("pipelining", func(t *testing.T) {
 			// 2.6 to 3.0 open another connection whenever no idle one
 			// is left: the burst gets one per request. So does 3.1+, to
-			// which the agent does not answer "pipelining" (see
+			// which a fresh agent does not answer "pipelining" (see
 			// TestE2EBigAnswersStallWithPipelining). Unchecked here; the
 			// next cases bound it.
 			testPipelining(t, hp, pipeliningCase{})
@@ -587,8 +587,8 @@ type pipeliningCase struct {
 	// maxConns bounds the agent connections HAProxy may open for the
 	// burst; 0 leaves them unchecked (only logged).
 	maxConns uint64
-	// keepPipelining: the agent answers "pipelining" to 3.1+ too, which
-	// it does not by default (spoe.KeepPipelining).
+	// keepPipelining: the agent answers "pipelining" to 3.1+ at once,
+	// which it does not by default (spoe.KeepPipelining).
 	keepPipelining bool
 }
 

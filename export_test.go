@@ -57,11 +57,16 @@ func testConn(a *Agent, nc net.Conn) *conn {
 	return newConn(a, a.config(), nc)
 }
 
-// KeepPipelining makes a answer "pipelining" to HAProxy 3.1+ too, which
-// the library does not by default (see agentCaps): the end-to-end
-// reproducer of HAProxy's stall, and unit tests whose Client looks like
-// 3.1+, use it.
+// KeepPipelining makes a answer "pipelining" to HAProxy 3.1+ always, and
+// write ACKs of any size on such connections, which the library does not
+// by default (see conn.pipelining): the end-to-end reproducer of
+// HAProxy's stall, and unit tests whose Client looks like 3.1+, use it.
 func KeepPipelining(a *Agent) { a.keepPipelining = true }
+
+// NoPipelining makes a never answer "pipelining" to HAProxy 3.1+, as the
+// library did before it learnt its answers' size: the baseline of the
+// cost measurement.
+func NoPipelining(a *Agent) { a.noPipelining = true }
 
 // count is how many engines the agent holds, lingering ones included.
 func (r *engines) count() int {

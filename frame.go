@@ -94,20 +94,28 @@ func checkLength(n uint32, maxFrameSize int) error {
 // parseFrame decodes a frame's header from b, which holds the LENGTH bytes
 // that follow the length prefix.
 func parseFrame(b []byte) (frame, error) {
+	var f frame
+	err := f.parse(b)
+	return f, err
+}
+
+// parse is parseFrame into f (the reader's frame: no copy of a frame on the
+// way); f is left unspecified on an error.
+func (f *frame) parse(b []byte) error {
 	if len(b) < minFrameLength {
-		return frame{}, errFrameTooSmall
+		return errFrameTooSmall
 	}
-	f := frame{typ: frameType(b[0]), flags: binary.BigEndian.Uint32(b[1:5])}
+	f.typ, f.flags = frameType(b[0]), binary.BigEndian.Uint32(b[1:5])
 	var err error
 	off := 5
 	if f.streamID, off, err = readVarint(b, off); err != nil {
-		return frame{}, err
+		return err
 	}
 	if f.frameID, off, err = readVarint(b, off); err != nil {
-		return frame{}, err
+		return err
 	}
 	f.payload = b[off:]
-	return f, nil
+	return nil
 }
 
 // appendFrameHeader starts a frame in b: a length placeholder, type, flags

@@ -790,7 +790,7 @@ func FuzzNotify(f *testing.F) {
 		// name, as Go values.
 		var simple []Message
 		checkAlloc(t, "decodeMessages", len(b), messagesAllocFixed, messagesAllocPerByte, func() {
-			simple = (&Request{payload: r.payload, nmsgs: r.nmsgs, index: r.index}).decodeMessages()
+			simple = (&Request{payload: r.payload, nmsgs: r.nmsgs, nargs: r.nargs, index: r.index}).decodeMessages()
 		})
 		require.Len(t, simple, len(msgs))
 		for i, m := range msgs {
@@ -1646,7 +1646,9 @@ func TestFuzzAllocBoundsHold(t *testing.T) {
 		r := &Request{}
 		require.NoError(t, r.indexMessages(in.b), in.name)
 		limit := uint64(messagesAllocFixed + messagesAllocPerByte*len(in.b))
-		n := allocated(limit, func() { (&Request{payload: r.payload, nmsgs: r.nmsgs, index: r.index}).decodeMessages() })
+		n := allocated(limit, func() {
+			(&Request{payload: r.payload, nmsgs: r.nmsgs, nargs: r.nargs, index: r.index}).decodeMessages()
+		})
 		report = append(report, fmt.Sprintf("decodeMessages %-16s %6d bytes in, %7d allocated: %5.1f per byte", in.name, len(in.b), n, float64(n)/float64(len(in.b))))
 		require.LessOrEqual(t, n, limit, in.name)
 	}

@@ -1,8 +1,10 @@
 package spoe
 
 import (
+	"math"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -174,9 +176,9 @@ func TestSupportsVersion20(t *testing.T) {
 }
 
 // TestNoPipeliningToHAProxy3: HAProxy 3.1+ offers "pipelining" without
-// "async"; the agent answers without "pipelining" (HAProxy then runs one
-// stream per connection, which keeps it out of its demux-buffer stall),
-// and keeps what 2.6 to 3.0 offer (both).
+// "async"; a fresh agent answers without "pipelining" (HAProxy then runs
+// one stream per connection, which keeps it out of its demux-buffer
+// stall), and keeps what 2.6 to 3.0 offer (both).
 func TestNoPipeliningToHAProxy3(t *testing.T) {
 	for _, tt := range []struct {
 		offered, want string
@@ -194,4 +196,133 @@ func TestNoPipeliningToHAProxy3(t *testing.T) {
 			t.Errorf("HAProxy offers %q (keep %v): agent answers %v, want %q", tt.offered, tt.keep, h["capabilities"], tt.want)
 		}
 	}
+}
+
+// TestPipelinedACKCap: S keeps 20 ACKs and the longest AGENT-DISCONNECT
+// under the least tune.bufsize that announces a max-frame-size, and is the
+// largest that does.
+func TestPipelinedACKCap(t *testing.T) {
+	assert.Equal(t, 804, pipelinedACKCap(16380), "HAProxy's default tune.bufsize 16384")
+	longest := appendDisconnect(nil, frameAgentDisconnect, Status(math.MaxUint32), strings.Repeat("x", 1000))
+	assert.Equal(t, len(longest), maxDisconnectFrame)
+	for _, mfs := range []uint64{256, 1000, 4092, 8188, 16380, 65532, 1 << 20} {
+		s := pipelinedACKCap(mfs)
+		if s == 0 {
+			continue // too small to pipeline: checked below
+		}
+		bufsize := int(mfs) + lengthSize
+		assert.Less(t, muxStreamsLimit*s+maxDisconnectFrame, bufsize, "max-frame-size %d", mfs)
+		assert.GreaterOrEqual(t, muxStreamsLimit*(s+1)+maxDisconnectFrame, bufsize, "max-frame-size %d: S is not the largest", mfs)
+	}
+	assert.Equal(t, 0, pipelinedACKCap(256), "too small to pipeline")
+	assert.Positive(t, pipelinedACKCap(math.MaxUint64))
+}
+
+// TestAnswerSizesVerdict: pipelining once learnACKs ACKs were built, all
+// at most the cap (S passes, S+1 does not), none replaced by an ackWindow,
+// and the cap large enough for an ACK with the error variable.
+func TestAnswerSizesVerdict(t *testing.T) {
+	const capB, minCap = 804, 40
+	check := func(s *answerSizes, capB int, wantPipeline, wantLearnt bool, what string) {
+		t.Helper()
+		p, l := s.verdict(capB, minCap)
+		assert.Equal(t, wantPipeline, p, "%s: pipeline", what)
+		assert.Equal(t, wantLearnt, l, "%s: learnt", what)
+	}
+	var s answerSizes
+	check(&s, capB, false, false, "fresh agent")
+	for i := 0; i < learnACKs-1; i++ {
+		s.observe(capB)
+	}
+	check(&s, capB, false, false, "one ACK short of learnACKs")
+	s.observe(30)
+	check(&s, capB, true, true, "learnACKs ACKs of at most S")
+	check(&s, capB-1, false, true, "a HAProxy whose S is below the largest ACK")
+	check(&s, minCap-1, false, true, "a cap too small for the error variable")
+	s.observe(capB + 1)
+	check(&s, capB, false, true, "one ACK of S+1")
+
+	var big answerSizes
+	big.observe(capB + 1)
+	check(&big, capB, false, true, "a first ACK above S decides at once")
+
+	var refused answerSizes
+	for i := 0; i < learnACKs; i++ {
+		refused.observe(30)
+	}
+	check(&refused, capB, true, true, "small answers")
+	refused.capped.Store(true) // what an ackWindow does when it replaces an ACK
+	check(&refused, capB, false, true, "an ACK replaced by a window")
+}
+
+// TestPipeliningLearnt, with a Client offering what 3.1+ offers: a fresh
+// agent does not pipeline; a HELLO that comes while the first connection
+// learns waits for the verdict and pipelines; there big answers go whole
+// while the window of the last ACKs has room, and the next is replaced by
+// the error variable; the connections opened after an answer above the cap
+// do not pipeline.
+func TestPipeliningLearnt(t *testing.T) {
+	defer func(d time.Duration) { helloHoldMax = d }(helloHoldMax)
+	helloHoldMax = 10 * time.Second // the race detector on a busy machine
+	big := strings.Repeat("x", 2000)
+	a := &Agent{Handler: HandlerFunc(func(w *ActionWriter, r *Request) error {
+		if m := r.Messages(); m.Next() && m.NameIs("big") {
+			return w.SetString(VarScopeTransaction, "v", big)
+		}
+		return w.SetInt(VarScopeTransaction, "v", 1)
+	})}
+	addr := startAgentAsIs(t, a)
+	c1 := dialAgent(t, addr, ClientConfig{})
+	assert.Equal(t, "fragmentation", c1.Capabilities(), "a fresh agent")
+
+	p2 := dialRaw(t, addr)
+	p2.send(rawFrame(frameHAProxyHello, flagFin, 0, 0, helloPayload(
+		"supported-versions", "2.0", "max-frame-size", uint32(16380), "capabilities", "pipelining")))
+	waitFor(t, func() bool { return a.stats.framesIn[frameStat(frameHAProxyHello)].Load() == 2 }, "the second HELLO read")
+	for i := 0; i < learnACKs; i++ {
+		_, err := c1.Notify(notifyCtx(t), ClientMessage{Name: "small"})
+		require.NoError(t, err)
+	}
+	f := p2.next()
+	require.Equal(t, frameAgentHello, f.typ)
+	h, err := parseAgentHello(f.payload)
+	require.NoError(t, err)
+	assert.Equal(t, "pipelining,fragmentation", h.caps.String(), "the HELLO held while the agent learnt")
+
+	whole := 0
+	for sid := uint64(1); ; sid++ {
+		p2.send(notifyNamed("big", sid, 1))
+		f = p2.next()
+		require.Equal(t, frameAck, f.typ)
+		require.Equal(t, sid, f.streamID)
+		acts, err := decodeActions(f.payload)
+		require.NoError(t, err)
+		require.Len(t, acts, 1, "%v", acts)
+		if acts[0] == (ActionSetVar{Name: DefaultErrorVar, Scope: VarScopeTransaction, Value: true}) {
+			break
+		}
+		require.Equal(t, big, acts[0].(ActionSetVar).Value)
+		whole++
+	}
+	ackLen := len(rawFrame(frameAck, flagFin, 1, 1, appendTestSetString("v", big)))
+	assert.Equal(t, pipelinedWindow(16380)/ackLen, whole, "big ACKs of %d bytes written whole until the window is full", ackLen)
+	assert.Equal(t, uint64(1), a.Stats().ActionsRefused)
+
+	c3 := dialAgent(t, addr, ClientConfig{})
+	assert.Equal(t, "fragmentation", c3.Capabilities(), "after an answer above the cap")
+	acts, err := c3.Notify(notifyCtx(t), ClientMessage{Name: "big"})
+	require.NoError(t, err)
+	require.Len(t, acts, 1)
+	assert.Equal(t, big, acts[0].(ActionSetVar).Value, "without pipelining, the big answer goes whole")
+}
+
+// appendTestSetString is the payload of an ACK setting txn.name to value.
+func appendTestSetString(name, value string) []byte {
+	var w ActionWriter
+	w.reset(nil, 1, 1, 1<<20, 0)
+	_ = w.SetString(VarScopeTransaction, name, value)
+	_, rest, _ := splitFrame(w.finish())
+	_ = rest
+	f, _ := parseFrame(w.buf[lengthSize:])
+	return f.payload
 }

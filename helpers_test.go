@@ -99,10 +99,11 @@ func serveAgent(t testing.TB, a *Agent, o serveOptions) (addr string, stop func(
 // startAgent serves a on a loopback listener and returns its address. The
 // agent is closed, and Serve's return checked, when the test ends.
 //
-// The Client offers what HAProxy 3.1+ offers, to which the agent does not
-// answer "pipelining" by default (agentCaps); these tests are about how
-// the agent handles pipelined frames, so it keeps it here. The default is
-// tested by TestNoPipeliningToHAProxy3 and end to end.
+// The Client offers what HAProxy 3.1+ offers, to which a fresh agent does
+// not answer "pipelining" by default (conn.pipelining); these tests are
+// about how the agent handles pipelined frames, so it keeps it here, with
+// no cap on the ACKs. The default is tested by TestNoPipeliningToHAProxy3,
+// TestPipeliningLearnt and end to end.
 func startAgent(t testing.TB, a *Agent) string {
 	t.Helper()
 	addr, _ := serveAgent(t, a, serveOptions{KeepPipelining: true})

@@ -52,13 +52,15 @@ type Request struct {
 	frameID  uint64
 	payload  []byte
 	nmsgs    int
+	nargs    int                       // of every message together
 	index    [indexedMessages]msgIndex // where the first messages are
 	sealed   bool
-	names    *internTable // interned names for the simple API
-	outer    *Request     // for a Router's routed Request: the whole NOTIFY's
-	sub      *Request     // the Request a Router hands its routes, reused
-	mstats   [statMessages]*messageStats
-	routing  []byte // the name of the message a Router is handling, if any
+	names    *internTable                // interned names for the simple API
+	outer    *Request                    // for a Router's routed Request: the whole NOTIFY's
+	sub      *Request                    // the Request a Router hands its routes, reused
+	routing  []byte                      // the name of the message a Router is handling, if any
+	mstats   [statMessages]*messageStats // the counters of its first names (see counted)
+	nstats   int
 }
 
 // indexedMessages is how many messages a Request locates up front; later
@@ -73,7 +75,10 @@ type msgIndex struct {
 }
 
 func (r *Request) check() {
-	for q := r; q != nil; q = q.outer { // a routed Request is sealed with its NOTIFY's
+	if r.sealed {
+		panic("spoe: Request used after its handler returned")
+	}
+	for q := r.outer; q != nil; q = q.outer { // a routed Request is sealed with its NOTIFY's
 		if q.sealed {
 			panic("spoe: Request used after its handler returned")
 		}
@@ -98,7 +103,7 @@ func (r *Request) routed(it *MessageIterator) *Request {
 	}
 	*s = Request{
 		parent: r.parent, engineID: r.engineID, streamID: r.streamID, frameID: r.frameID,
-		payload: r.payload, nmsgs: 1, outer: r, sub: s.sub, cfg: r.cfg,
+		payload: r.payload, nmsgs: 1, nargs: int(r.payload[it.cur.args-1]), outer: r, sub: s.sub, cfg: r.cfg,
 	}
 	s.index[0] = it.cur
 	return s
@@ -107,7 +112,7 @@ func (r *Request) routed(it *MessageIterator) *Request {
 // indexMessages checks a NOTIFY's LIST-OF-MESSAGES whole, counts its
 // messages and notes where the first ones are.
 func (r *Request) indexMessages(payload []byte) error {
-	r.payload, r.nmsgs = payload, 0
+	r.payload, r.nmsgs, r.nargs = payload, 0, 0
 	if uint64(len(payload)) > 1<<32-1 {
 		return errTruncated // no frame is this big; offsets are uint32
 	}
@@ -120,6 +125,7 @@ func (r *Request) indexMessages(payload []byte) error {
 			r.index[r.nmsgs] = m
 		}
 		r.nmsgs++
+		r.nargs += int(payload[m.args-1])
 		off = end
 	}
 	return nil
@@ -401,7 +407,6 @@ func callHandler(h Handler, w *ActionWriter, r *Request) (err error) {
 // out of the ACK adds the error variable to the others.
 func serveNotify(cfg *config, st *stats, w *ActionWriter, r *Request) {
 	r.cfg = cfg
-	st.messages.count(r)
 	w.limit -= cfg.errorVarRoom // so that the error variable always fits
 	err := callHandler(cfg.handler, w, r)
 	w.limit += cfg.errorVarRoom

@@ -129,8 +129,10 @@ func (rd *frameReader) buffered(f *frame) (ok bool, err error) {
 	b := rd.in.b[rd.r+lengthSize : rd.r+total : rd.r+total]
 	rd.r += total
 	rd.frames++
-	*f, err = parseFrame(b)
-	return err == nil, err
+	if err = f.parse(b); err != nil {
+		return false, err
+	}
+	return true, nil
 }
 
 // peek returns the LENGTH of the frame at the head of the buffer and up to

@@ -252,13 +252,20 @@ func (c *conn) handle(streamID, frameID uint64, payload []byte) error {
 	if err := c.acquire(); err != nil {
 		return err
 	}
+	slow := c.sched.slow()
+	if slow {
+		// Counted at once: its ACK may leave before the next flush.
+		c.stats.messages.count(&ex.req, nil)
+	} else {
+		c.stats.messages.count(&ex.req, &c.recent)
+	}
 	ex.req.parent, ex.req.streamID, ex.req.frameID = c.requestContext(), streamID, frameID
 	ex.req.ctx, ex.req.cancel, ex.req.sealed, ex.req.engineID = nil, nil, false, c.engineID
 	ex.w.reset(ex.ack[:0], streamID, frameID, c.maxFrame, c.cfg.prefixLen)
 	sampled := c.calls%latencySampling == 0
 	c.calls++
 
-	if c.sched.slow() && c.copyFrame(ex, payload) {
+	if slow && c.copyFrame(ex, payload) {
 		// The frame's bytes go with it: the read buffer moves on.
 		ex.req.payload = ex.frame // the index is offsets: still right
 		c.ex = nil
@@ -363,6 +370,7 @@ func (c *conn) run(ex *exchange, sampled bool) []byte {
 	}
 	ack := ex.w.finish()
 	ex.ack = ack[:0]
+	c.agent.answers.observe(len(ack))
 	ex.req.sealed, ex.w.sealed = poisonViews, poisonViews
 	return ack
 }

@@ -36,10 +36,12 @@
 // # Protocol
 //
 // The agent speaks SPOP 2.0 as HAProxy 2.6 to 3.x do. It announces
-// "pipelining" and "async" when HAProxy 2.6 to 3.0 offer them, but not
+// "pipelining" and "async" when HAProxy 2.6 to 3.0 offer them, but
 // "pipelining" to the 3.1+ multiplexer, whose connections can stall for
-// good when pipelined answers fill its buffer (see agentCaps, and the
-// README's "Known HAProxy issues"); and "fragmentation", with which HAProxy
+// good when pipelined answers fill its buffer, only once it learnt that
+// its answers are small, and then caps them (804 bytes for HAProxy's
+// default tune.bufsize; see conn.pipelining, and the README's "Known
+// HAProxy issues"); and "fragmentation", with which HAProxy
 // 2.6 and 3.0 may split a big NOTIFY in several frames that the agent
 // joins. It answers health checks ("option spop-check"),
 // HAProxy's DISCONNECT, and protocol errors with the status code SPOP
@@ -265,9 +267,14 @@ type Agent struct {
 
 	sched scheduler // handler slots and scheduling policy (sched.go)
 
-	// keepPipelining answers "pipelining" to HAProxy 3.1+ too (see
-	// agentCaps); set by tests only, which show HAProxy's stall with it.
+	answers answerSizes // what decides pipelining with HAProxy 3.1+ (hello.go)
+
+	// keepPipelining answers "pipelining" to HAProxy 3.1+ always, with no
+	// cap on the ACKs (see conn.pipelining); set by tests only, which show
+	// HAProxy's stall with it. noPipelining never answers it (tests only:
+	// what the pipelining rule saves).
 	keepPipelining bool
+	noPipelining   bool
 }
 
 // New returns an Agent that answers NOTIFY frames with handler.

@@ -107,10 +107,7 @@ func (s *stats) observeHandler(d time.Duration, n uint64, r *Request) {
 	i := latencyBucket(d)
 	s.handlerLatency[i].Add(n)
 	s.handlerTime.Add(int64(d) * int64(n))
-	for _, m := range r.mstats {
-		if m == nil {
-			break
-		}
+	for _, m := range counted(r) {
 		m.latency[i].Add(n)
 		m.time.Add(int64(d) * int64(n))
 	}
@@ -177,7 +174,9 @@ type Stats struct {
 
 	// Messages counts the NOTIFY frames by the names of their messages
 	// (see MessageStats), for the first MaxStatsMessages names seen; the
-	// frames of later names are counted together under OtherMessages.
+	// frames of later names are counted together under OtherMessages. A
+	// connection adds its requests to these counts before it writes their
+	// ACKs, not one by one.
 	Messages map[string]MessageStats
 }
 

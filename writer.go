@@ -38,6 +38,7 @@ type frameWriter struct {
 	stats      *stats
 	maxPending int            // MaxACKBacklog
 	budget     *backlogBudget // the agent's: MaxACKBacklogTotal
+	window     *ackWindow     // pipelining with HAProxy 3.1+ only; the writing goroutine's
 
 	mu      sync.Mutex
 	cond    sync.Cond // signalled when writing ends
@@ -143,7 +144,11 @@ func (fw *frameWriter) write(frames []byte, last bool) error {
 
 	batch, owned := frames, false // owned: batch is a former fw.pending
 	for {
-		n, err := fw.writeOut(batch)
+		out := batch // what is written: batch, or the window's copy of it
+		if fw.window != nil {
+			out = fw.window.admit(batch)
+		}
+		n, err := fw.writeOut(out)
 		fw.mu.Lock()
 		if owned {
 			fw.release(len(batch))
@@ -151,7 +156,7 @@ func (fw *frameWriter) write(frames []byte, last bool) error {
 		if err != nil {
 			fw.closed = true
 			fw.release(len(fw.pending))
-			lost := append(append([]byte(nil), unwritten(batch, n)...), fw.takePending()...)
+			lost := append(append([]byte(nil), unwritten(out, n)...), fw.takePending()...)
 			fw.writing = false
 			fw.cond.Broadcast()
 			fw.mu.Unlock()
@@ -246,9 +251,6 @@ func (c *conn) outBuf() []byte {
 // budget is spent: room for the agent's own frames (maxDisconnectFrame).
 const smallOut = 512
 
-// maxDisconnectFrame bounds an AGENT-DISCONNECT frame.
-const maxDisconnectFrame = lengthSize + maxFrameHeader + 32 + maxDisconnectMessage
-
 // outRoom returns the gathered ACKs' buffer with room for n more bytes,
 // writing what it holds first if need be.
 func (c *conn) outRoom(n int) []byte {
@@ -300,6 +302,7 @@ func (c *conn) writeOut(frames []byte) error {
 
 // flush writes the gathered frames.
 func (c *conn) flush() error {
+	c.recent.flush() // before the ACKs leave: see recentStats
 	if c.out == nil || len(c.out.b) == 0 {
 		return nil
 	}
@@ -358,4 +361,94 @@ func (c *conn) rerouteOut() {
 		c.reroute(c.out.b)
 		c.out.b = c.out.b[:0]
 	}
+}
+
+// ackWindow keeps what HAProxy 3.1+ may have unread on a connection the
+// agent pipelines with below its demux buffer (see pipelinedACKCap for why
+// that buffer must never fill). HAProxy reads the agent's bytes in the
+// order they were written, and every ACK it has not demuxed is the answer
+// of a stream still open, of which a pipelining connection has at most
+// muxStreamsLimit: so the ACKs HAProxy may have unread are among the last
+// muxStreamsLimit written. The window holds their sizes; an ACK that would
+// make them exceed limit is replaced, as it is written, by an ACK of the
+// same ids that sets only the error variable (HAProxy's rules see it, as
+// for an action refused for max-frame-size), and refused is called. Only
+// the writing goroutine uses it.
+type ackWindow struct {
+	limit   int // the bytes the last muxStreamsLimit ACKs may hold together
+	sizes   [muxStreamsLimit]int
+	next    int // the oldest of sizes, replaced next
+	sum     int // of sizes
+	errVar  string
+	refused func()
+	out     []byte // the batch rebuilt when an ACK is replaced
+}
+
+// admit returns batch, whole frames, as it may be written: itself, or a
+// copy in which the ACKs that do not fit the window are replaced.
+func (w *ackWindow) admit(batch []byte) []byte {
+	rebuilt := false
+	off := 0
+	for f, rest, ok := splitFrame(batch); ok; f, rest, ok = splitFrame(rest) {
+		if len(f) <= lengthSize || frameType(f[lengthSize]) != frameAck {
+			if rebuilt {
+				w.out = append(w.out, f...)
+			}
+			off += len(f)
+			continue
+		}
+		if w.fits(len(f)) {
+			w.add(len(f))
+			if rebuilt {
+				w.out = append(w.out, f...)
+			}
+			off += len(f)
+			continue
+		}
+		if !rebuilt {
+			rebuilt = true
+			w.out = append(w.out[:0], batch[:off]...)
+		}
+		start := len(w.out)
+		w.out = w.errorACK(w.out, f)
+		w.add(len(w.out) - start)
+		if w.refused != nil {
+			w.refused()
+		}
+		off += len(f)
+	}
+	if !rebuilt {
+		return batch
+	}
+	return w.out
+}
+
+// fits reports whether an ACK of n bytes may follow the last ones.
+func (w *ackWindow) fits(n int) bool {
+	return w.sum-w.sizes[w.next]+n <= w.limit
+}
+
+func (w *ackWindow) add(n int) {
+	w.sum += n - w.sizes[w.next]
+	w.sizes[w.next] = n
+	w.next = (w.next + 1) % len(w.sizes)
+}
+
+// errorACK appends to b the ACK that replaces ack: the same stream-id and
+// frame-id, setting only the error variable (a NOOP if there is none).
+func (w *ackWindow) errorACK(b, ack []byte) []byte {
+	fr, err := parseFrame(ack[lengthSize:])
+	if err != nil { // not built by the agent: cannot happen
+		return b
+	}
+	b, start := appendFrameHeader(b, frameAck, flagFin, fr.streamID, fr.frameID)
+	if w.errVar == "" {
+		b = append(b, actionNoop)
+	} else {
+		b = append(b, actionSetVar, 3, byte(VarScopeTransaction))
+		b = appendName(b, w.errVar)
+		b = append(b, byte(TypeBool)|boolTrueFlag)
+	}
+	finishFrame(b, start)
+	return b
 }

@@ -1,8 +1,10 @@
 package spoe
 
 import (
+	"bytes"
 	"io"
 	"net"
+	"strings"
 	"testing"
 	"time"
 
@@ -96,4 +98,62 @@ func TestWriterBacklogClosed(t *testing.T) {
 	var we *writeError
 	assert.ErrorAs(t, <-first, &we)
 	assert.Zero(t, budget.used.Load(), "the pending frames given back to the budget")
+}
+
+// TestWriterWindowConcurrent: goroutines write ACKs at once through a
+// window small enough to replace many of them; every frame arrives whole,
+// in the order of each goroutine, as written or as the error ACK of the
+// same ids (the window's copies never share memory with the runs the
+// writer keeps for the next burst).
+func TestWriterWindowConcurrent(t *testing.T) {
+	agentSide, peer := net.Pipe()
+	defer agentSide.Close()
+	defer peer.Close()
+	var fw frameWriter
+	fw.init(agentSide, time.Hour, &stats{}, 1<<20, &backlogBudget{max: 1 << 30})
+	replaced := 0
+	fw.window = &ackWindow{limit: 2000, errVar: "error", refused: func() { replaced++ }} // under fw's write
+
+	const writers, each = 4, 300
+	ack := func(sid uint64) []byte {
+		var w ActionWriter
+		w.reset(nil, sid, 1, 16380, 0)
+		_ = w.SetString(VarScopeTransaction, "v", strings.Repeat(string(rune('a'+sid%26)), int(sid%7)*60))
+		return w.finish()
+	}
+	errs := make(chan error, writers)
+	for g := 0; g < writers; g++ {
+		go func(g int) {
+			for i := 0; i < each; i++ {
+				if err := fw.write(ack(uint64(g*each+i+1)), false); err != nil {
+					errs <- err
+					return
+				}
+			}
+			errs <- nil
+		}(g)
+	}
+	last := make([]int, writers)
+	for n := 0; n < writers*each; n++ {
+		b, err := readFrame(peer, nil, 1<<20)
+		require.NoError(t, err)
+		f, err := parseFrame(b)
+		require.NoError(t, err)
+		require.Equal(t, frameAck, f.typ)
+		sid := f.streamID
+		g, i := int(sid-1)/each, int(sid-1)%each
+		require.Greater(t, i+1, last[g]-1, "in order within a writer")
+		last[g] = i + 1
+		acts, err := decodeActions(f.payload)
+		require.NoError(t, err)
+		want, _ := parseFrame(ack(sid)[lengthSize:])
+		if !bytes.Equal(want.payload, f.payload) {
+			assert.Equal(t, []Action{ActionSetVar{Name: "error", Scope: VarScopeTransaction, Value: true}}, acts, "stream %d", sid)
+		}
+	}
+	for g := 0; g < writers; g++ {
+		require.NoError(t, <-errs)
+	}
+	t.Logf("%d of %d ACKs replaced", replaced, writers*each)
+	assert.Positive(t, replaced)
 }
