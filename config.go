@@ -20,6 +20,8 @@ const (
 	DefaultMaxReassemblyBytes = 16 << 20
 	DefaultMaxACKBacklog      = 64 << 10
 	DefaultMaxACKBacklogTotal = 16 << 20
+	DefaultMaxConns           = 4096
+	DefaultMaxBufferBytes     = 64 << 20
 )
 
 // The Agent's fields read through their defaults, never written back.
@@ -59,6 +61,20 @@ func (a *Agent) maxInFlightPerConn() int64 {
 		return DefaultMaxInFlightPerConn
 	}
 	return int64(a.MaxInFlightPerConn)
+}
+
+func (a *Agent) maxConns() int {
+	if a.MaxConns == 0 {
+		return DefaultMaxConns
+	}
+	return a.MaxConns
+}
+
+func (a *Agent) maxBufferBytes() int {
+	if a.MaxBufferBytes <= 0 {
+		return DefaultMaxBufferBytes
+	}
+	return a.MaxBufferBytes
 }
 
 func (a *Agent) maxEngines() int {
@@ -149,11 +165,12 @@ type config struct {
 	errorVarRoom int    // bytes its set-var takes in an ACK, kept free for it
 	prefixLen    int    // of VarPrefix, to check variable names
 
-	maxNotifyMessages int         // the simple API's decoding bound
-	maxNotifyArgs     int         //
-	logs              *logLimiter // the Agent's: rate of failure logs
-	keepPipelining    bool        // tests only: see Agent.keepPipelining
-	noPipelining      bool        //
+	maxNotifyMessages int           // the simple API's decoding bound
+	maxNotifyArgs     int           //
+	buffers           *bufferBudget // the Agent's: MaxBufferBytes
+	logs              *logLimiter   // the Agent's: rate of failure logs
+	keepPipelining    bool          // tests only: see Agent.keepPipelining
+	noPipelining      bool          //
 }
 
 func (a *Agent) config() *config {
@@ -172,6 +189,7 @@ func (a *Agent) config() *config {
 
 		maxNotifyMessages: a.maxNotifyMessages(),
 		maxNotifyArgs:     a.maxNotifyArgs(),
+		buffers:           &a.buffers,
 		logs:              &a.logs,
 		keepPipelining:    a.keepPipelining,
 		noPipelining:      a.noPipelining,

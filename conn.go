@@ -68,11 +68,12 @@ type conn struct {
 	helloSent       bool
 
 	// The reading role's.
-	frag   reassembly
-	ex     *exchange   // the exchange of the next inline handler
-	out    *buffer     // ACKs gathered for the next write
-	calls  uint64      // handler calls, for sampling their latency
-	recent recentStats // the counters of the message names seen last
+	frag    reassembly
+	ex      *exchange   // the exchange of the next inline handler
+	out     *buffer     // ACKs gathered for the next write
+	outPaid int         // bytes of the budget held for out
+	calls   uint64      // handler calls, for sampling their latency
+	recent  recentStats // the counters of the message names seen last
 
 	lifeMu sync.Mutex
 	closed bool
@@ -81,13 +82,15 @@ type conn struct {
 	ctx    context.Context    // parent of request contexts
 	cancel context.CancelFunc //
 
-	once sync.Once // closeSocket's
+	once     sync.Once // closeSocket's
+	connSlot bool      // it holds one of the Agent's MaxConns slots
 }
 
 func newConn(a *Agent, cfg *config, nc net.Conn) *conn {
 	c := &conn{agent: a, cfg: cfg, stats: &a.stats, sched: &a.sched, nc: nc, maxFrame: maxHelloFrame}
 	c.refs.Store(1)
 	c.rd.init(nc, maxHelloFrame)
+	c.rd.budget = &a.buffers
 	c.wr.init(nc, cfg.writeTimeout, &a.stats, cfg.maxBacklog, &a.backlog)
 	c.slots.init(cfg.maxPerConn)
 	return c
@@ -140,8 +143,7 @@ func (c *conn) handshake() error {
 		c.caps &^= capAsync // MaxEngines reached
 	}
 	c.engineID = h.engineID
-	c.gather(appendHello(c.outBuf(), frameAgentHello, c.maxFrame, c.caps, ""))
-	if err := c.flush(); err != nil {
+	if err := c.write(appendHello(nil, frameAgentHello, c.maxFrame, c.caps, ""), false); err != nil {
 		return err
 	}
 	c.helloSent = true
@@ -234,10 +236,7 @@ func (c *conn) nextFrame(f *frame) error {
 // idle gives back the buffers the reading role holds between frames (the
 // read buffer is given back by the reader itself).
 func (c *conn) idle() {
-	if c.out != nil {
-		putBuffer(c.out)
-		c.out = nil
-	}
+	c.putOut()
 	if c.ex != nil {
 		putExchange(c.ex)
 		c.ex = nil
@@ -319,7 +318,7 @@ func (c *conn) drain() error {
 // disconnect sends AGENT-DISCONNECT after everything already queued, as
 // the connection's last frame.
 func (c *conn) disconnect(s Status, msg string) {
-	if err := c.write(appendDisconnect(c.outBuf(), frameAgentDisconnect, s, msg), true); err == nil {
+	if err := c.write(appendDisconnect(c.outRoom(maxDisconnectFrame), frameAgentDisconnect, s, msg), true); err == nil {
 		c.stats.countDisconnect(s, false)
 	}
 	c.out.b = c.out.b[:0]
@@ -448,7 +447,7 @@ func (c *conn) closeSocket() {
 	c.once.Do(func() {
 		c.wr.close()
 		c.nc.Close()
-		c.agent.connClosed()
+		c.agent.connClosed(c.connSlot)
 		c.lifeMu.Lock()
 		c.closed = true
 		e, cancel := c.engine, c.cancel
@@ -465,6 +464,16 @@ func (c *conn) closeSocket() {
 		}
 		c.slots.close()
 	})
+}
+
+// connClosed accounts for a closed socket: it no longer counts as open nor
+// against MaxConns (slot: it took one), even while handlers that ran on it
+// finish.
+func (a *Agent) connClosed(slot bool) {
+	a.stats.connsOpen.Add(-1)
+	if slot {
+		<-a.connSlots
+	}
 }
 
 // unref drops one reference; the last one forgets the connection.

@@ -198,27 +198,38 @@ func TestNoACKAfterOwnDisconnect(t *testing.T) {
 	origin.expectClosed() // and nothing after the AGENT-DISCONNECT
 }
 
-// TestClaimedLengthNotReserved: a peer that announces big frames and sends
-// little makes the agent hold little: the buffer grows with the bytes.
-func TestClaimedLengthNotReserved(t *testing.T) {
+// TestClaimedLengthBounded: peers that announce big frames and send
+// little make the agent hold at most MaxBufferBytes for them all: a reader
+// takes a whole frame's buffer once its LENGTH is read, and those that find
+// the budget spent wait without a buffer.
+func TestClaimedLengthBounded(t *testing.T) {
 	const conns = 50
 	a := New(seedHandler)
+	a.MaxBufferBytes = 8 << 20 // 8 frames of 1 MiB
 	addr := startAgent(t, a)
 	runtime.GC()
 	var before runtime.MemStats
 	runtime.ReadMemStats(&before)
-	for i := 0; i < conns; i++ {
-		p := dialRaw(t, addr)
-		p.hello("pipelining", "e", 1<<20)
+	peers := make([]*rawPeer, conns)
+	for i := range peers {
+		peers[i] = dialRaw(t, addr)
+		peers[i].hello("pipelining", "e", 1<<20) // before the budget is spent: a HELLO waits too
+	}
+	for _, p := range peers {
 		p.send(append([]byte{0, 0x0F, 0xFF, 0xF0}, bytes.Repeat([]byte{3}, 100)...)) // a 1 MiB frame begins
 	}
-	waitFor(t, func() bool { return a.Stats().FramesIn.HAProxyHello == conns }, "every HELLO read")
+	// At most 4 readers hold a frame's buffer; the others wait, with
+	// their first buffer (32 KiB) or none.
+	// At most 8 readers hold a frame's buffer (1 MiB); the others wait,
+	// with their first buffer (32 KiB) or none.
+	waitFor(t, func() bool { return a.buffers.waiting.Load() >= conns-8 }, "the frames waiting for the budget")
+	assert.LessOrEqual(t, a.buffers.used.Load(), int64(a.MaxBufferBytes))
 	runtime.GC()
 	var after runtime.MemStats
 	runtime.ReadMemStats(&after)
 	grown := int64(after.HeapInuse) - int64(before.HeapInuse)
 	t.Logf("%d connections each announcing a 1 MiB frame: heap +%d KiB", conns, grown/1024)
-	assert.Less(t, grown, int64(conns*128<<10), "far below 50 MiB")
+	assert.Less(t, grown, int64(a.MaxBufferBytes+conns*64<<10), "within MaxBufferBytes")
 }
 
 // TestServeReturnsAtShutdownWhenFull: with MaxConns reached, Serve returns

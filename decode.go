@@ -254,11 +254,16 @@ type MessageHandler func(messages []Message) ([]Action, error)
 // others are still sent, and the error variable tells HAProxy (see
 // Agent.ErrorVar). A NOTIFY with more messages or arguments than the
 // agent's MaxNotifyMessages and MaxNotifyArgs is not decoded: h is not
-// called, and the agent answers with its error variable.
+// called, and the agent answers with its error variable. What the decoded
+// messages cost is counted in the agent's MaxBufferBytes until h returns.
 func (h MessageHandler) ServeSPOE(w *ActionWriter, r *Request) error {
-	if err := r.checkDecodeCost(); err != nil {
+	cost, err := r.checkDecodeCost()
+	if err != nil {
 		return err
 	}
+	b := r.budget()
+	b.takeDecode(cost)
+	defer b.releaseDecode(cost)
 	actions, err := h(r.decodeMessages())
 	return writeActions(w, actions, err)
 }
@@ -273,9 +278,13 @@ type ContextMessageHandler func(ctx context.Context, messages []Message) ([]Acti
 // ServeSPOE decodes r's messages, calls h with r's context and writes its
 // actions to w, as MessageHandler does.
 func (h ContextMessageHandler) ServeSPOE(w *ActionWriter, r *Request) error {
-	if err := r.checkDecodeCost(); err != nil {
+	cost, err := r.checkDecodeCost()
+	if err != nil {
 		return err
 	}
+	b := r.budget()
+	b.takeDecode(cost)
+	defer b.releaseDecode(cost)
 	actions, err := h(r.Context(), r.decodeMessages())
 	return writeActions(w, actions, err)
 }
@@ -304,22 +313,40 @@ func (e *decodeLimitError) Error() string {
 	return fmt.Sprintf("spoe: NOTIFY of %d %s or more, above the simple API's %d: not decoded", e.count, e.what, e.limit)
 }
 
+// What the simple API's decoding costs beyond the bytes of the values: a
+// Message with its map, an argument's map slot and box (measured: some 75
+// and 80 bytes), with a margin.
+const (
+	decodedMessageCost = 96
+	decodedArgCost     = 96
+)
+
+// budget returns the agent's buffer budget, nil for a Request not served
+// by an Agent.
+func (r *Request) budget() *bufferBudget {
+	if r.cfg == nil {
+		return nil
+	}
+	return r.cfg.buffers
+}
+
 // checkDecodeCost bounds what decoding r for the simple API may cost: its
 // messages and arguments are counted, without decoding, against the
-// agent's limits.
-func (r *Request) checkDecodeCost() error {
+// agent's limits. It returns the cost: at most the payload's bytes and
+// what its messages and arguments take.
+func (r *Request) checkDecodeCost() (int, error) {
 	r.check()
 	maxMsgs, maxArgs := DefaultMaxNotifyMessages, DefaultMaxNotifyArgs
 	if r.cfg != nil { // nil for a Request not served by an Agent
 		maxMsgs, maxArgs = r.cfg.maxNotifyMessages, r.cfg.maxNotifyArgs
 	}
 	if r.nmsgs > maxMsgs {
-		return &decodeLimitError{"messages", r.nmsgs, maxMsgs}
+		return 0, &decodeLimitError{"messages", r.nmsgs, maxMsgs}
 	}
 	if r.nargs > maxArgs {
-		return &decodeLimitError{"arguments", r.nargs, maxArgs}
+		return 0, &decodeLimitError{"arguments", r.nargs, maxArgs}
 	}
-	return nil
+	return r.nmsgs*decodedMessageCost + r.nargs*decodedArgCost + len(r.payload), nil
 }
 
 // Interning bounds: names repeat on every request, so the simple API keeps

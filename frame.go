@@ -10,7 +10,10 @@ package spoe
 import (
 	"encoding/binary"
 	"math/bits"
+	"os"
 	"sync"
+	"sync/atomic"
+	"time"
 )
 
 // frameType is the TYPE byte of a frame.
@@ -225,14 +228,23 @@ func getBuffer(n int) *buffer {
 	return &buffer{b: make([]byte, minBufferSize<<c)}
 }
 
-// putBuffer gives a buffer back to its pool.
+// bufferSize returns the size of the buffer getBuffer(n) returns.
+func bufferSize(n int) int {
+	if c := bufferClass(n); c < bufferClasses {
+		return minBufferSize << c
+	}
+	return n
+}
+
+// putBuffer gives a buffer back to its pool; one of another size than the
+// pool's (grown by append) is left to the collector.
 func putBuffer(buf *buffer) {
 	n := cap(buf.b)
 	if n < minBufferSize {
 		return
 	}
 	c := bits.Len(uint(n)) - 1 - minBufferShift
-	if c >= bufferClasses {
+	if c >= bufferClasses || n != minBufferSize<<c {
 		return
 	}
 	buf.b = buf.b[:cap(buf.b)]
@@ -240,4 +252,209 @@ func putBuffer(buf *buffer) {
 		poison(buf.b)
 	}
 	bufferPools[c].Put(buf)
+}
+
+// bufferBudget is the agent-wide count of the bytes that buffers hold for
+// frames (Agent.MaxBufferBytes): the read buffers connections take, the
+// gathered-ACK buffers, the copies of frames handed to dispatched
+// handlers, and what the simple API's decoded messages cost. Taking and
+// giving back bytes is one atomic operation each while nobody waits.
+//
+// Who may wait, and why no wait can last for ever:
+//
+//   - A reader that has bytes of a frame and needs a buffer for them waits
+//     (take), within its read deadline, holding at most its current buffer:
+//     once it knows a frame's LENGTH it asks for the whole frame's buffer
+//     at once, never for part of it. A reader with nothing to read waits in
+//     the poller, holding nothing.
+//   - The simple API's decoding waits (takeDecode) holding its frame; it
+//     waits only while another decoding holds bytes, which its handler gives
+//     back when it returns; with none held it takes what it needs beyond the
+//     bound (at most one NOTIFY's decoding is so over it at a time).
+//   - Everything else only tries (tryTake) and, when the budget is spent,
+//     does without: a frame is handled inline instead of being copied, ACKs
+//     are written instead of gathered, a slow inline handler is not rescued.
+//
+// So every waiter waits for holders that need nothing from the budget to
+// give their bytes back: handlers running (their time, then at most
+// WriteTimeout to deliver their ACK), readers within their read deadline.
+//
+// Waiters are served in order, and a newcomer does not pass them (tryTake
+// fails while anyone waits), so that a big request is not starved by small
+// ones.
+type bufferBudget struct {
+	max     int64
+	used    atomic.Int64
+	waiting atomic.Int32 // goroutines in queue
+
+	decodes atomic.Int64 // bytes held by decodings
+
+	mu    sync.Mutex
+	queue []*budgetWaiter
+}
+
+// budgetWaiter is one goroutine waiting for n bytes.
+type budgetWaiter struct {
+	n       int64
+	decode  bool
+	granted bool          // under bufferBudget.mu
+	ready   chan struct{} // closed when granted
+}
+
+// tryTake takes n bytes if they are free and nobody waits. A nil budget
+// takes anything, and nothing is always taken.
+func (b *bufferBudget) tryTake(n int) bool {
+	if b == nil || n == 0 {
+		return true
+	}
+	for b.waiting.Load() == 0 {
+		u := b.used.Load()
+		if u+int64(n) > b.max && u > 0 {
+			return false
+		}
+		if b.used.CompareAndSwap(u, u+int64(n)) {
+			return true
+		}
+	}
+	return false
+}
+
+// release gives n bytes back and serves the waiters they let through.
+func (b *bufferBudget) release(n int) {
+	if b == nil || n == 0 {
+		return
+	}
+	b.used.Add(-int64(n))
+	if b.waiting.Load() > 0 {
+		b.mu.Lock()
+		b.grant()
+		b.mu.Unlock()
+	}
+}
+
+// fits reports whether n more bytes are within the bound, with mu held. A
+// request bigger than the bound is served when nothing else is held.
+func (b *bufferBudget) fits(n int64) bool {
+	u := b.used.Load()
+	return u+n <= b.max || u == 0
+}
+
+// grant serves the waiters in order while their requests fit, with mu
+// held; and, while no decoding holds bytes, the first decoding waiting
+// whatever the bound (see bufferBudget).
+func (b *bufferBudget) grant() {
+	for len(b.queue) > 0 && b.fits(b.queue[0].n) {
+		b.grantLocked(0)
+	}
+	if b.decodes.Load() > 0 {
+		return
+	}
+	for i, w := range b.queue {
+		if w.decode {
+			b.grantLocked(i)
+			return
+		}
+	}
+}
+
+// grantLocked gives the waiter at queue[i] its bytes, with mu held.
+func (b *bufferBudget) grantLocked(i int) {
+	w := b.queue[i]
+	b.used.Add(w.n)
+	if w.decode {
+		b.decodes.Add(w.n)
+	}
+	w.granted = true
+	close(w.ready)
+	b.queue = append(b.queue[:i], b.queue[i+1:]...)
+	b.waiting.Add(-1)
+}
+
+// take takes n bytes, waiting for them until stop is closed or the
+// deadline (none if zero) passes: then it returns errDraining or
+// os.ErrDeadlineExceeded, holding nothing.
+func (b *bufferBudget) take(n int, stop <-chan struct{}, deadline time.Time) error {
+	if b.tryTake(n) {
+		return nil
+	}
+	w := b.enqueue(int64(n), false)
+	if w == nil {
+		return nil
+	}
+	var timeout <-chan time.Time
+	if !deadline.IsZero() {
+		t := time.NewTimer(time.Until(deadline))
+		defer t.Stop()
+		timeout = t.C
+	}
+	var err error
+	select {
+	case <-w.ready:
+		return nil
+	case <-stop:
+		err = errDraining
+	case <-timeout:
+		err = os.ErrDeadlineExceeded
+	}
+	b.mu.Lock()
+	if w.granted {
+		b.mu.Unlock()
+		b.release(n)
+		return err
+	}
+	for i, q := range b.queue {
+		if q == w {
+			b.queue = append(b.queue[:i], b.queue[i+1:]...)
+			b.waiting.Add(-1)
+			break
+		}
+	}
+	b.grant() // those behind it may fit now
+	b.mu.Unlock()
+	return err
+}
+
+// enqueue takes n bytes at once if they fit and nobody waits (nil), or
+// queues a waiter for them.
+func (b *bufferBudget) enqueue(n int64, decode bool) *budgetWaiter {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	// Counted as waiting before the bound is read, so that a release
+	// either is seen here or sees the waiter (see release).
+	b.waiting.Add(1)
+	if len(b.queue) == 0 && b.fits(n) || decode && b.decodes.Load() == 0 {
+		b.waiting.Add(-1)
+		b.used.Add(n)
+		if decode {
+			b.decodes.Add(n)
+		}
+		return nil
+	}
+	w := &budgetWaiter{n: n, decode: decode, ready: make(chan struct{})}
+	b.queue = append(b.queue, w)
+	return w
+}
+
+// takeDecode takes n bytes for a decoding, waiting for them while another
+// decoding holds bytes (see bufferBudget). A nil budget takes anything.
+func (b *bufferBudget) takeDecode(n int) {
+	if b == nil {
+		return
+	}
+	if b.tryTake(n) {
+		b.decodes.Add(int64(n))
+		return
+	}
+	if w := b.enqueue(int64(n), true); w != nil {
+		<-w.ready
+	}
+}
+
+// releaseDecode gives back the bytes of a decoding.
+func (b *bufferBudget) releaseDecode(n int) {
+	if b == nil {
+		return
+	}
+	b.decodes.Add(-int64(n))
+	b.release(n)
 }

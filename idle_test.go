@@ -35,7 +35,7 @@ func TestIdleConnectionMemory(t *testing.T) {
 		n, err = strconv.Atoi(s)
 		require.NoError(t, err)
 	}
-	addr, pid := startBenchAgent(t)
+	addr, pid := startBenchAgent(t, "-maxconns", "-1") // more than DefaultMaxConns at once
 
 	// Warm the agent up, so that the baseline holds its pools.
 	warm := dialAgent(t, addr, ClientConfig{})
@@ -91,10 +91,10 @@ func residentKiB(t *testing.T, pid int) int {
 	return 0
 }
 
-// startBenchAgent builds examples/bench-agent and runs it in a process of
-// its own (GOMAXPROCS=1), so that what it holds is measured apart from the
+// startBenchAgent builds examples/bench-agent and runs it, with args, in a
+// process of its own (GOMAXPROCS=1), so that what it holds is measured apart from the
 // test's side of the connections. It is killed when the test ends.
-func startBenchAgent(t *testing.T) (addr string, pid int) {
+func startBenchAgent(t *testing.T, args ...string) (addr string, pid int) {
 	t.Helper()
 	bin := filepath.Join(t.TempDir(), "bench-agent")
 	out, err := exec.Command("go", "build", "-o", bin, "./examples/bench-agent").CombinedOutput()
@@ -103,7 +103,7 @@ func startBenchAgent(t *testing.T) (addr string, pid int) {
 	require.NoError(t, err)
 	port := l.Addr().(*net.TCPAddr).Port
 	l.Close()
-	agent := exec.Command(bin, "-port", strconv.Itoa(port))
+	agent := exec.Command(bin, append([]string{"-port", strconv.Itoa(port)}, args...)...)
 	agent.Env = append(os.Environ(), "GOMAXPROCS=1")
 	require.NoError(t, agent.Start())
 	t.Cleanup(func() { _ = agent.Process.Kill(); _ = agent.Wait() })
@@ -132,7 +132,7 @@ func TestConnectionStorm(t *testing.T) {
 		n, err = strconv.Atoi(s)
 		require.NoError(t, err)
 	}
-	addr, pid := startBenchAgent(t)
+	addr, pid := startBenchAgent(t, "-maxconns", "-1") // more than DefaultMaxConns at once
 	hello := rawFrame(frameHAProxyHello, flagFin, 0, 0, helloPayload(
 		"supported-versions", "2.0", "max-frame-size", uint32(16380), "capabilities", "pipelining", "engine-id", "storm"))
 	conns := make(chan net.Conn, n)

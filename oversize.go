@@ -33,7 +33,7 @@ func (c *conn) oversized(err error) (skip bool, _ error) {
 	c.cfg.logger.WithField("stream_id", f.streamID).WithField("frame_id", f.frameID).
 		Warnf("spoe: NOTIFY of %d bytes above the negotiated max-frame-size %d: failed, skipped", length, c.maxFrame)
 	var w ActionWriter
-	w.reset(c.outBuf(), f.streamID, f.frameID, c.maxFrame, c.cfg.prefixLen)
+	w.reset(c.outRoom(lengthSize+maxFrameHeader+c.cfg.errorVarRoom), f.streamID, f.frameID, c.maxFrame, c.cfg.prefixLen)
 	if name := c.cfg.errorVar; name != "" {
 		_ = w.SetBool(VarScopeTransaction, name, true)
 	}

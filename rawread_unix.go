@@ -4,6 +4,8 @@ package spoe
 
 import (
 	"syscall"
+
+	"github.com/pkg/errors"
 )
 
 // initRawRead prepares reads that take a buffer only once data is there:
@@ -22,7 +24,9 @@ func (rd *frameReader) initRawRead() {
 	rd.readFn = rd.rawRead
 }
 
-// read reads into the buffer, taking one if the reader has none.
+// read reads into the buffer, taking one if the reader has none. When the
+// budget is spent, the first bytes go to head and the reader then waits
+// for the budget (waitHead).
 func (rd *frameReader) read() (int, error) {
 	if rd.rc == nil {
 		return rd.plainRead()
@@ -31,14 +35,23 @@ func (rd *frameReader) read() (int, error) {
 	if err := rd.rc.Read(rd.readFn); err != nil {
 		return 0, err
 	}
+	if rd.readErr == errNoBuffer {
+		return rd.waitHead()
+	}
 	return rd.readN, rd.readErr
 }
+
+// errNoBuffer: rawRead read into head, the budget being spent.
+var errNoBuffer = errors.New("spoe: no buffer")
 
 // rawRead is the syscall.RawConn read callback. It returns false, holding
 // no buffer, when the socket has nothing to read yet.
 func (rd *frameReader) rawRead(fd uintptr) bool {
 	buf := rd.in
 	if buf == nil {
+		if !rd.budget.tryTake(minBufferSize) {
+			return rd.rawReadHead(fd)
+		}
 		buf = getBuffer(0)
 	}
 	for {
@@ -49,6 +62,7 @@ func (rd *frameReader) rawRead(fd uintptr) bool {
 		case syscall.EAGAIN:
 			if rd.in == nil {
 				putBuffer(buf)
+				rd.budget.release(minBufferSize)
 			}
 			return false
 		}
@@ -57,6 +71,27 @@ func (rd *frameReader) rawRead(fd uintptr) bool {
 			n = 0
 		}
 		rd.readN, rd.readErr = n, err
+		return true
+	}
+}
+
+// rawReadHead is rawRead without a buffer: it reads the first bytes into
+// head, so that the reader waits for the budget only once bytes came.
+func (rd *frameReader) rawReadHead(fd uintptr) bool {
+	for {
+		n, err := syscall.Read(int(fd), rd.head[:])
+		switch err {
+		case syscall.EINTR:
+			continue
+		case syscall.EAGAIN:
+			return false
+		}
+		switch {
+		case n > 0:
+			rd.headN, rd.readErr = n, errNoBuffer
+		case err != nil:
+			rd.readErr = err
+		}
 		return true
 	}
 }

@@ -17,13 +17,23 @@ import (
 // and the client's (client.go). It reads into a pooled buffer, as much as
 // the socket holds, and returns each whole frame as a view of that buffer.
 // A frame's LENGTH is checked against the negotiated max-frame-size before
-// any of its body is awaited, and the buffer grows with the bytes that
-// arrive, not with what a LENGTH claims. With nothing unread, the buffer
+// any of its body is awaited; a frame that does not fit the buffer gets
+// one of its size at once (so that a reader never waits for the budget
+// twice for one frame). With nothing unread, the buffer
 // is given back before the next blocking read; on unix the read takes one
 // only once the socket is readable (rawread_unix.go), so an idle
 // connection holds no read buffer.
 //
-// Ownership: every field but stopMu and stopped belongs to the goroutine
+// Every buffer the agent's reader holds is counted in the agent's buffer
+// budget (budget; nil for the client's): one of minBufferSize to read a
+// frame's start, then, once a LENGTH says the frame will not fit, the
+// whole frame's buffer at once (grow). When the budget is spent, the
+// reader waits before it reads on (see bufferBudget): a reader that has
+// nothing to read waits in the poller, holding nothing; one with bytes of
+// a frame waits within the frame's read deadline. Bytes read before the
+// reader could take a buffer wait in head.
+//
+// Ownership: every field but stopMu, stopped and stopCh belongs to the goroutine
 // that holds the connection's reading role: for the agent, the one running
 // conn.loop (see sched.go for how the role may move); for the client, its
 // readLoop. stop may be called from any goroutine.
@@ -37,6 +47,11 @@ type frameReader struct {
 	maxFrame int     // LENGTH bound
 	frames   uint64  // frames returned
 	skip     int     // bytes of a frame being skipped still to come
+	need     int     // bytes of the frame at r, when more than the buffer holds from r
+
+	budget *bufferBudget // the agent's; nil: no bound
+	head   [lengthSize]byte
+	headN  int // bytes in head: read before a buffer could be taken
 
 	// The raw read callback and its results (rawread_unix.go).
 	readFn  func(fd uintptr) bool
@@ -45,12 +60,14 @@ type frameReader struct {
 
 	// The read deadline: what it is for, when it fires, and the frame
 	// count when it was set.
-	dlKind   int
-	dlAt     time.Time
-	dlFrames uint64
+	dlKind       int
+	dlAt         time.Time
+	dlFrames     uint64
+	frameTimeout time.Duration // the last armDeadline's, for waits
 
 	stopMu  sync.Mutex // orders deadline changes with stop
 	stopped atomic.Bool
+	stopCh  chan struct{} // closed by stop; made by the first wait for the budget
 	// stopUnread: the bytes the socket held, unread, when stop was
 	// called, written before stopped is set; then what is left of them
 	// to drain, the reading role's.
@@ -76,8 +93,8 @@ func (rd *frameReader) init(src io.Reader, maxFrame int) {
 	rd.initRawRead()
 }
 
-// empty reports whether no byte is left unread in the buffer.
-func (rd *frameReader) empty() bool { return rd.r == rd.w }
+// empty reports whether no byte is left unread.
+func (rd *frameReader) empty() bool { return rd.r == rd.w && rd.headN == 0 }
 
 // buffered decodes into f the next frame if it is whole in the buffer
 // (ok). Its LENGTH is checked first: a bad one is an error whatever
@@ -104,7 +121,9 @@ func (rd *frameReader) buffered(f *frame) (ok bool, err error) {
 	}
 	total := lengthSize + int(length)
 	if n < total {
-		rd.reserve(total)
+		if len(rd.in.b)-rd.r < total {
+			rd.need = total // fill makes room for it
+		}
 		return false, nil
 	}
 	b := rd.in.b[rd.r+lengthSize : rd.r+total : rd.r+total]
@@ -150,29 +169,104 @@ func (rd *frameReader) next() (frame, error) {
 	}
 }
 
-// reserve makes room in the buffer for more of a frame of total bytes that
-// starts at rd.r. The buffer grows with the bytes that arrive: a peer must
-// send a big frame to make the reader hold one.
-func (rd *frameReader) reserve(total int) {
-	if len(rd.in.b)-rd.r >= total {
-		return
+// grow makes room in the buffer for the frame of rd.need bytes that
+// starts at rd.r: the bytes before it are dropped, and, if the buffer is
+// still too small, the whole frame's buffer is taken at once. With wait,
+// the budget is waited for within the read deadline; without, the buffer
+// stays as it is when the budget is spent.
+func (rd *frameReader) grow(wait bool) error {
+	total := rd.need
+	if total == 0 || len(rd.in.b)-rd.r >= total {
+		rd.need = 0
+		return nil
 	}
-	if rd.r > 0 && (len(rd.in.b) >= total || rd.w-rd.r < len(rd.in.b)/2) {
+	if len(rd.in.b) >= total {
 		rd.w = copy(rd.in.b, rd.in.b[rd.r:rd.w])
-		rd.r = 0
-		if len(rd.in.b) >= total || rd.w < len(rd.in.b) {
-			return
+		rd.r, rd.need = 0, 0
+		return nil
+	}
+	more := bufferSize(total) - len(rd.in.b)
+	if wait {
+		if err := rd.budget.take(more, rd.stopChan(), rd.waitDeadline()); err != nil {
+			return err
+		}
+	} else if !rd.budget.tryTake(more) {
+		return nil
+	}
+	nb := getBuffer(total)
+	rd.w = copy(nb.b, rd.in.b[rd.r:rd.w])
+	rd.r, rd.need = 0, 0
+	putBuffer(rd.in) // its bytes are the new buffer's now: counted in more
+	rd.in = nb
+	return nil
+}
+
+// takeBuffer gives the reader a buffer of minBufferSize, already counted
+// in the budget, holding the bytes of head.
+func (rd *frameReader) takeBuffer() {
+	rd.in = getBuffer(0)
+	rd.r, rd.w = 0, copy(rd.in.b, rd.head[:rd.headN])
+	rd.headN = 0
+}
+
+// waitHead waits for the budget to take a buffer for the bytes read into
+// head, within the frame's read deadline, and returns their count. On
+// failure they stay in head for the next read.
+//
+// When head holds a whole LENGTH within bounds, the buffer is the whole
+// frame's, taken at once.
+func (rd *frameReader) waitHead() (int, error) {
+	size := minBufferSize
+	if rd.headN == lengthSize {
+		if length := binary.BigEndian.Uint32(rd.head[:]); checkLength(length, rd.maxFrame) == nil {
+			size = bufferSize(lengthSize + int(length))
 		}
 	}
-	size := 2 * len(rd.in.b)
-	if size > total {
-		size = total
+	at := rd.waitDeadline()
+	if err := rd.budget.take(size, rd.stopChan(), at); err != nil {
+		return 0, err
 	}
-	nb := getBuffer(size)
-	rd.w = copy(nb.b, rd.in.b[rd.r:rd.w])
-	rd.r = 0
-	putBuffer(rd.in)
-	rd.in = nb
+	if !at.IsZero() && rd.nc != nil {
+		// The frame's deadline runs from its first byte, the wait
+		// included: it is not armed afresh for the rest of the frame.
+		if err := rd.capDeadline(at); err != nil {
+			rd.budget.release(size)
+			return 0, err
+		}
+	}
+	n := rd.headN
+	rd.in = getBuffer(size)
+	rd.r, rd.w = 0, copy(rd.in.b, rd.head[:n])
+	rd.headN = 0
+	rd.w = 0 // counted by fill
+	return n, nil
+}
+
+// stopChan returns the channel stop closes.
+func (rd *frameReader) stopChan() <-chan struct{} {
+	rd.stopMu.Lock()
+	defer rd.stopMu.Unlock()
+	if rd.stopCh == nil {
+		rd.stopCh = make(chan struct{})
+		if rd.stopped.Load() {
+			close(rd.stopCh)
+		}
+	}
+	return rd.stopCh
+}
+
+// waitDeadline returns when a wait for the budget gives up: at the read
+// deadline, and at the latest frameTimeout after the bytes that wait came
+// (a frame's deadline runs from its first byte).
+func (rd *frameReader) waitDeadline() time.Time {
+	at := time.Now().Add(rd.frameTimeout)
+	if rd.frameTimeout <= 0 {
+		at = time.Time{}
+	}
+	if rd.dlKind != deadlineNone && rd.dlKind != deadlineUnknown && (at.IsZero() || rd.dlAt.Before(at)) {
+		at = rd.dlAt
+	}
+	return at
 }
 
 // fill reads more bytes, blocking until some come. With nothing unread,
@@ -181,12 +275,22 @@ func (rd *frameReader) fill() error {
 	switch {
 	case rd.r == rd.w:
 		rd.release()
+	case rd.need > 0:
+		if err := rd.grow(true); err != nil {
+			return err
+		}
 	case rd.w == len(rd.in.b):
 		// Full with less than a length prefix at its end.
 		rd.w = copy(rd.in.b, rd.in.b[rd.r:rd.w])
 		rd.r = 0
 	}
-	n, err := rd.read()
+	var n int
+	var err error
+	if rd.in == nil && rd.headN > 0 {
+		n, err = rd.waitHead()
+	} else {
+		n, err = rd.read()
+	}
 	rd.w += n
 	if n > 0 {
 		return nil
@@ -205,8 +309,14 @@ func (rd *frameReader) fill() error {
 // It returns the bytes read.
 func (rd *frameReader) fillNow(max int) int {
 	if rd.in == nil {
-		rd.in, rd.r, rd.w = getBuffer(0), 0, 0
-	} else if rd.r > 0 {
+		if !rd.budget.tryTake(minBufferSize) {
+			return 0
+		}
+		rd.takeBuffer()
+	} else if rd.need > 0 {
+		_ = rd.grow(false)
+	}
+	if rd.r > 0 {
 		rd.w = copy(rd.in.b, rd.in.b[rd.r:rd.w])
 		rd.r = 0
 	}
@@ -222,10 +332,24 @@ func (rd *frameReader) fillNow(max int) int {
 	return n
 }
 
-// plainRead reads with the source's Read, for sources without raw access.
+// plainRead reads with the source's Read, for sources without raw access
+// (TLS). The agent's reader holds no buffer while it waits for a frame: it
+// reads the frame's first bytes into head, then takes its buffer (waiting
+// for the budget within the read deadline).
 func (rd *frameReader) plainRead() (int, error) {
 	if rd.in == nil {
-		rd.in, rd.r, rd.w = getBuffer(0), 0, 0
+		if rd.budget == nil {
+			rd.in, rd.r, rd.w = getBuffer(0), 0, 0
+		} else {
+			if rd.headN == 0 {
+				n, err := rd.src.Read(rd.head[:])
+				if n <= 0 {
+					return 0, err
+				}
+				rd.headN = n // an error with them comes again at the next read
+			}
+			return rd.waitHead()
+		}
 	}
 	return rd.src.Read(rd.in.b[rd.w:])
 }
@@ -233,23 +357,37 @@ func (rd *frameReader) plainRead() (int, error) {
 // release gives the buffer back, dropping what is unread in it.
 func (rd *frameReader) release() {
 	if rd.in != nil {
+		rd.budget.release(len(rd.in.b))
 		putBuffer(rd.in)
-		rd.in, rd.r, rd.w = nil, 0, 0
+		rd.in, rd.r, rd.w, rd.need = nil, 0, 0, 0
 	}
 }
 
+// detachCost returns what detach may take from the budget: a buffer the
+// size of the current one.
+func (rd *frameReader) detachCost() int {
+	if rd.in == nil {
+		return 0
+	}
+	return len(rd.in.b)
+}
+
 // detach leaves the buffer, and the frames returned from it, to whoever
-// took rd.in before (and gives it back with putBuffer): the reader goes on
-// with the unread bytes in a buffer of its own.
-func (rd *frameReader) detach() {
+// took rd.in before (and gives it back with putBuffer and the budget's
+// release): the reader goes on with the unread bytes in a buffer of its
+// own, of at most paid bytes, taken from the budget by the caller (what
+// it does not use is given back).
+func (rd *frameReader) detach(paid int) {
 	if rd.w > rd.r {
 		nb := getBuffer(rd.w - rd.r)
 		rd.w = copy(nb.b, rd.in.b[rd.r:rd.w])
 		rd.r = 0
 		rd.in = nb
+		paid -= len(nb.b)
 	} else {
 		rd.in, rd.r, rd.w = nil, 0, 0
 	}
+	rd.budget.release(paid)
 }
 
 // armDeadline sets the read deadline for what the next read waits for: the
@@ -261,6 +399,7 @@ func (rd *frameReader) armDeadline(idle bool, frameTimeout, idleTimeout time.Dur
 	if rd.stopped.Load() {
 		return errDraining
 	}
+	rd.frameTimeout = frameTimeout
 	kind, d := deadlineFrame, frameTimeout
 	if idle {
 		kind, d = deadlineIdle, idleTimeout
@@ -329,6 +468,9 @@ func (rd *frameReader) stop() {
 	rd.stopMu.Lock()
 	if !rd.stopped.Load() {
 		rd.stopUnread = rd.unreadInSocket()
+	}
+	if !rd.stopped.Load() && rd.stopCh != nil {
+		close(rd.stopCh)
 	}
 	rd.stopped.Store(true)
 	if rd.nc != nil {

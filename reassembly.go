@@ -135,7 +135,7 @@ func (c *conn) abortReassembly(why string) {
 		c.log().WithField("stream_id", c.frag.streamID).WithField("frame_id", c.frag.frameID).
 			WithField("suppressed", suppressed).Warn(why)
 	}
-	b := c.outBuf() // before c.out is read: it may take the buffer
+	b := c.outRoom(lengthSize + maxFrameHeader) // before c.out is read: it may take the buffer
 	c.out.b = appendFrame(b, frameAck, flagFin|flagAbort, c.frag.streamID, c.frag.frameID, nil)
 	c.frag.aborted, c.frag.abortedSID, c.frag.abortedFID = true, c.frag.streamID, c.frag.frameID
 	c.endReassembly()
@@ -173,9 +173,14 @@ func (c *conn) onUnset(f *frame) error {
 	if !f.fin() {
 		return nil
 	}
-	// The joined NOTIFY leaves the budget as it goes to its handler: from
-	// then on it is an in-flight NOTIFY, bounded by MaxInFlight.
+	// The joined NOTIFY stays counted in the budget while its handler runs
+	// inline on it (rescued or not: handle returns once it is done); a
+	// dispatched handler's copy is counted in MaxBufferBytes instead.
 	id, fid, payload := c.frag.streamID, c.frag.frameID, c.frag.buf
+	reserved := c.frag.reserved
+	c.frag.reserved = 0
 	c.endReassembly()
-	return c.handle(id, fid, payload)
+	err := c.handle(id, fid, payload)
+	c.agent.reassemblies.shrink(reserved)
+	return err
 }

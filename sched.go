@@ -14,10 +14,14 @@ package spoe
 //   - Dispatch. When handlers have lately been slow (the moving average of
 //     their sampled durations above dispatchThreshold), each frame is
 //     copied and given a goroutine of its own at once, so that frames do
-//     not wait behind one another.
+//     not wait behind one another. The copy is counted in the agent's
+//     buffer budget (MaxBufferBytes) until the handler is done; when the
+//     budget is spent, the frame runs inline instead.
 //   - Rescue. An inline handler that runs long holds up the frames read
 //     after it: a timer then hands the reading role to a goroutine of its
-//     own and leaves the handler to finish where it runs (see inlineWatch).
+//     own and leaves the handler to finish where it runs (see inlineWatch),
+//     if the budget has room for the reader's new buffer; else the handler
+//     goes on inline, and the connection waits for it.
 
 import (
 	"math"
@@ -166,6 +170,7 @@ type exchange struct {
 	w     ActionWriter
 	ack   []byte
 	frame []byte // the payload, copied, for a dispatched handler
+	paid  int    // bytes of the budget held for frame
 }
 
 var exchangePool = sync.Pool{New: func() interface{} { return new(exchange) }}
@@ -219,6 +224,10 @@ type inlineWatch struct {
 	armMu    sync.Mutex    // orders arming, disarming and re-arming the timer
 	armed    atomic.Bool   // changed under armMu
 	lastSeen atomic.Uint64 // the state the previous firing saw
+
+	// detachCost is what the rescue of the handler running inline takes
+	// from the budget (frameReader.detach), stored before its state.
+	detachCost atomic.Int64
 }
 
 // Bits of inlineWatch.state.
@@ -256,9 +265,8 @@ func (c *conn) handle(streamID, frameID uint64, payload []byte) error {
 	sampled := c.calls%latencySampling == 0
 	c.calls++
 
-	if slow {
+	if slow && c.copyFrame(ex, payload) {
 		// The frame's bytes go with it: the read buffer moves on.
-		ex.frame = append(ex.frame[:0], payload...)
 		ex.req.payload = ex.frame // the index is offsets: still right
 		c.ex = nil
 		c.refs.Add(1)
@@ -282,6 +290,7 @@ func (c *conn) handle(streamID, frameID uint64, payload []byte) error {
 		w.armMu.Unlock()
 	}
 	in := c.rd.in
+	w.detachCost.Store(int64(c.rd.detachCost()))
 	// Invariant 2: from here until the CompareAndSwap succeeds, touch no
 	// field of the reading role.
 	w.state.Store(inline)
@@ -297,6 +306,7 @@ func (c *conn) handle(streamID, frameID uint64, payload []byte) error {
 		c.deliver(ack)
 		putExchange(ex)
 		if in != nil {
+			c.agent.buffers.release(len(in.b))
 			putBuffer(in)
 		}
 		c.release()
@@ -309,6 +319,41 @@ func (c *conn) handle(streamID, frameID uint64, payload []byte) error {
 	}
 	c.release()
 	return nil
+}
+
+// copyFrame copies a dispatched frame's payload into ex.frame if the
+// budget has room for the copy, and reports whether it did.
+// A pooled exchange's copy buffer is kept when it is not more than twice
+// the size the frame needs, so that a small frame is not counted at the
+// size of a big one before it.
+func (c *conn) copyFrame(ex *exchange, payload []byte) bool {
+	n, cost := len(payload), cap(ex.frame)
+	fresh := cost < n || cost > 2*allocSize(n)
+	if fresh {
+		cost = allocSize(n)
+	}
+	if !c.agent.buffers.tryTake(cost) {
+		return false
+	}
+	if fresh {
+		ex.frame = make([]byte, n)
+	}
+	ex.frame = append(ex.frame[:0], payload...)
+	ex.paid = cost
+	return true
+}
+
+// allocSize bounds what make([]byte, n) takes: Go rounds a small object up
+// to its size class (at most the next power of two), a large one to pages.
+func allocSize(n int) int {
+	if n <= 32<<10 {
+		s := 8
+		for s < n {
+			s <<= 1
+		}
+		return s
+	}
+	return (n + 8<<10 - 1) &^ (8<<10 - 1)
 }
 
 // run calls the handler and returns the finished ACK.
@@ -338,6 +383,8 @@ func (c *conn) dispatched(ex *exchange, sampled bool) {
 		poison(ex.frame)
 	}
 	c.deliver(ack)
+	c.agent.buffers.release(ex.paid)
+	ex.paid = 0
 	putExchange(ex)
 	c.release()
 	c.unref()
@@ -408,8 +455,19 @@ func (c *conn) rescue() {
 		return // the reading role went back to reading
 	}
 	s := w.state.Load()
-	if s&(stateInline|stateRescuing) != stateInline || w.lastSeen.Swap(s) != s ||
-		!w.state.CompareAndSwap(s, s|stateRescuing) {
+	if s&(stateInline|stateRescuing) != stateInline || w.lastSeen.Swap(s) != s {
+		c.rearm()
+		return
+	}
+	// The reader's new buffer is paid for before the role is taken: when
+	// the budget is spent, the handler goes on inline.
+	paid := int(w.detachCost.Load())
+	if !c.agent.buffers.tryTake(paid) {
+		c.rearm()
+		return
+	}
+	if !w.state.CompareAndSwap(s, s|stateRescuing) {
+		c.agent.buffers.release(paid)
 		c.rearm()
 		return
 	}
@@ -417,7 +475,7 @@ func (c *conn) rescue() {
 	defer c.agent.goroutines.Done()
 	c.refs.Add(1)
 	c.stats.rescues.Add(1)
-	c.rd.detach()
+	c.rd.detach(paid)
 	c.frag = c.frag.detached()
 	c.ex = nil
 	w.armMu.Lock()

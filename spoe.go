@@ -128,10 +128,22 @@ type Agent struct {
 	// not fit. Zero means DefaultMaxFrameSize; values below 256 mean 256.
 	MaxFrameSize int
 
-	// MaxConns limits the connections served at once. When it is reached
-	// the agent stops accepting until a connection ends, and new ones wait
-	// in the listen backlog. Zero means no limit.
+	// MaxConns limits the connections served at once, idle ones included
+	// (HAProxy 3.1+ opens one per event it processes at once and keeps them
+	// in its pool; 2.6 and 3.0 a few per thread and engine). Beyond it, new
+	// connections wait in the listen backlog until one ends. Zero means
+	// DefaultMaxConns; a negative value means no limit.
 	MaxConns int
+
+	// MaxBufferBytes limits the bytes held at once, in all connections, by
+	// read buffers (32 KiB for HAProxy's default frames, held only while a
+	// frame is read or handled), gathered ACKs, copies of frames for
+	// handlers in goroutines of their own and the simple API's decoded
+	// messages. At the bound nothing is refused: a connection with bytes to
+	// read waits before reading them (TCP holds HAProxy back), within the
+	// frame's ReadTimeout; a frame runs inline rather than be copied; a
+	// decoding waits for another. Zero means DefaultMaxBufferBytes.
+	MaxBufferBytes int
 
 	// MaxInFlight limits the NOTIFY frames being handled at once in the
 	// whole agent; when it is reached, connections stop reading until a
@@ -148,14 +160,14 @@ type Agent struct {
 	// is some 75 bytes, an argument some 80 beyond its value, so that a
 	// NOTIFY of 1 MiB of empty messages would decode to 37 MiB; within the
 	// defaults, the decoded messages cost at most the frame's bytes and
-	// some 0.35 MiB. A NOTIFY
-	// with more messages, or more arguments in all, is not decoded nor
-	// handed to the handler: it is answered at once with the error
+	// some 0.35 MiB (counted in MaxBufferBytes while the handler runs). A
+	// NOTIFY with more messages, or more arguments in all, is not decoded
+	// nor handed to the handler: it is answered at once with the error
 	// variable (see ErrorVar), as a failing handler is, counted in
 	// Stats.NotifyRefused and logged (rate-limited). HAProxy sends one
 	// message per spoe-message of the event or group, each with the
-	// arguments its configuration lists (255 at most). The zero-copy
-	// Handler reads the frame in place and is not bound by them. Zero means
+	// arguments its configuration lists (255 at most). The zero-copy Handler
+	// reads the frame in place and is not bound by them. Zero means
 	// DefaultMaxNotifyMessages and DefaultMaxNotifyArgs.
 	MaxNotifyMessages int
 	MaxNotifyArgs     int
@@ -247,6 +259,7 @@ type Agent struct {
 	goroutines sync.WaitGroup
 
 	engines      engines
+	buffers      bufferBudget     // MaxBufferBytes
 	reassemblies reassemblyBudget // MaxReassemblyBytes
 	backlog      backlogBudget    // MaxACKBacklogTotal
 	stats        stats
@@ -280,8 +293,9 @@ func (a *Agent) init() {
 		a.sched.slots.init(a.maxInFlight())
 		a.reassemblies.max = int64(a.maxReassemblyBytes())
 		a.backlog.max = int64(a.maxACKBacklogTotal())
-		if a.MaxConns > 0 {
-			a.connSlots = make(chan struct{}, a.MaxConns)
+		a.buffers.max = int64(a.maxBufferBytes())
+		if n := a.maxConns(); n > 0 {
+			a.connSlots = make(chan struct{}, n)
 		}
 	})
 }
@@ -347,6 +361,7 @@ func (a *Agent) Serve(l net.Listener) error {
 		}
 		backoff = 0
 		c := newConn(a, cfg, nc)
+		c.connSlot = a.connSlots != nil
 		if !a.trackConn(c, true) {
 			nc.Close()
 			if a.connSlots != nil {
@@ -392,15 +407,6 @@ func (a *Agent) trackConn(c *conn, add bool) bool {
 		a.closeDrained()
 	}
 	return true
-}
-
-// connClosed accounts for a closed socket: it no longer counts as open nor
-// against MaxConns, even while handlers that ran on it finish.
-func (a *Agent) connClosed() {
-	a.stats.connsOpen.Add(-1)
-	if a.connSlots != nil {
-		<-a.connSlots
-	}
 }
 
 func (a *Agent) closeDrained() {

@@ -154,6 +154,8 @@ type Stats struct {
 	NotifyTimeouts uint64 // fragmented NOTIFYs aborted as unfinished within ReadTimeout
 	AsyncRefused   uint64 // connections served without async: MaxEngines reached
 	NotifyRefused  uint64 // NOTIFYs the simple API did not decode: MaxNotifyMessages or MaxNotifyArgs
+	BufferBytes    int64  // bytes held now in the buffers MaxBufferBytes bounds
+	BufferWaiting  int64  // readers and decodings waiting now for MaxBufferBytes
 
 	// DisconnectsIn counts HAProxy's DISCONNECT frames by status code;
 	// DisconnectsOut the agent's.
@@ -235,6 +237,8 @@ func (a *Agent) Stats() Stats {
 		NotifyTimeouts: s.reassemblyTimeouts.Load(),
 		AsyncRefused:   s.asyncRefused.Load(),
 		NotifyRefused:  s.notifyRefused.Load(),
+		BufferBytes:    a.buffers.used.Load(),
+		BufferWaiting:  int64(a.buffers.waiting.Load()),
 		DisconnectsIn:  statusCounts(&s.disconnectsIn),
 		DisconnectsOut: statusCounts(&s.disconnectsOut),
 	}

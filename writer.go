@@ -231,29 +231,73 @@ func (fw *frameWriter) close() {
 // that cannot leave on its connection is handed to its engine (async) or
 // dropped, and counted.
 
-// outBuf returns the gathered ACKs' buffer, taking one if needed.
+// outBuf returns the gathered ACKs' buffer, taking one if needed: a
+// pooled one counted in the agent's budget, or, when the budget is spent,
+// a small one of its own (ACKs are then written rather than gathered).
+// It never grows: see gather and outRoom.
 func (c *conn) outBuf() []byte {
 	if c.out == nil {
-		c.out = getBuffer(0)
-		c.out.b = c.out.b[:0]
+		if c.agent.buffers.tryTake(minBufferSize) {
+			c.out, c.outPaid = getBuffer(0), minBufferSize
+			c.out.b = c.out.b[:0]
+		} else {
+			c.out, c.outPaid = &buffer{b: make([]byte, 0, smallOut)}, 0
+		}
 	}
 	return c.out.b
 }
 
-// maxGathered bounds the ACKs the reading role gathers before it writes
-// them (the pooled output buffers are kept up to that size).
-const maxGathered = 64 << 10
+// smallOut is the size of the gathered ACKs' buffer taken when the
+// budget is spent: room for the agent's own frames (maxDisconnectFrame).
+const smallOut = 512
 
-// gather adds frames to those written before the next blocking read; a
-// run of ACKs past maxGathered is written at once (and waits, if the peer
-// does not read: see frameWriter).
-func (c *conn) gather(frames []byte) {
-	b := c.outBuf() // before c.out is read: it may take the buffer
-	c.out.b = append(b, frames...)
-	if len(c.out.b) > maxGathered {
+// outRoom returns the gathered ACKs' buffer with room for n more bytes,
+// writing what it holds first if need be.
+func (c *conn) outRoom(n int) []byte {
+	if b := c.outBuf(); len(b)+n > cap(b) && len(b) > 0 {
 		c.disarm()
 		_ = c.flush() // a failure ends the connection: see write
 	}
+	return c.out.b
+}
+
+// putOut gives the gathered ACKs' buffer back.
+func (c *conn) putOut() {
+	if c.out != nil {
+		c.agent.buffers.release(c.outPaid)
+		putBuffer(c.out)
+		c.out, c.outPaid = nil, 0
+	}
+}
+
+// gather adds frames to those written before the next blocking read: into
+// the gathered ACKs' buffer while they fit in it; else they and those
+// gathered before are written at once (and wait, if the peer does not
+// read: see frameWriter). Frames that will be the last before the next
+// blocking read (nothing is left unread) and that find none gathered are
+// written at once, with no copy.
+func (c *conn) gather(frames []byte) {
+	if (c.out == nil || len(c.out.b) == 0) && c.rd.empty() {
+		c.disarm()
+		_ = c.writeOut(frames) // a failure ends the connection: see write
+		return
+	}
+	b := c.outRoom(len(frames))
+	if len(b)+len(frames) > cap(b) {
+		c.disarm()
+		_ = c.writeOut(frames)
+		return
+	}
+	c.out.b = append(b, frames...)
+}
+
+// writeOut writes frames of the reading role's, as flush does.
+func (c *conn) writeOut(frames []byte) error {
+	err := c.write(frames, false)
+	if err != nil && errors.Is(err, errWriteClosed) {
+		c.reroute(frames)
+	}
+	return err
 }
 
 // flush writes the gathered frames.
@@ -262,10 +306,7 @@ func (c *conn) flush() error {
 	if c.out == nil || len(c.out.b) == 0 {
 		return nil
 	}
-	err := c.write(c.out.b, false)
-	if err != nil && errors.Is(err, errWriteClosed) {
-		c.reroute(c.out.b)
-	}
+	err := c.writeOut(c.out.b)
 	c.out.b = c.out.b[:0]
 	return err
 }

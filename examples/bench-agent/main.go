@@ -99,11 +99,12 @@ func main() {
 	port := flag.Int("port", 12345, "serve SPOP on 127.0.0.1:`PORT`")
 	api := flag.String("api", "fast", "fast (zero-copy Handler) or simple (MessageHandler)")
 	cpuprofile := flag.String("cpuprofile", "", "write a CPU profile to `FILE` until SIGTERM")
+	maxConns := flag.Int("maxconns", 0, "Agent.MaxConns (0: the default, negative: no limit)")
 	flag.Parse()
 
 	log := logrus.New()
 	log.SetOutput(io.Discard)
-	agent := &spoe.Agent{Logger: log}
+	agent := &spoe.Agent{Logger: log, MaxConns: *maxConns}
 	switch *api {
 	case "fast":
 		agent.Handler = spoe.HandlerFunc(handle)
