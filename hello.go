@@ -205,11 +205,11 @@ const muxStreamsLimit = 20
 // learnACKs is how many ACKs the agent must have built, none of them
 // above a connection's pipelinedACKCap, before it answers "pipelining" to
 // that 3.1+ HAProxy: as many as one pipelining connection can hold unread.
-// The cap keeps HAProxy safe whatever the count; the count makes it rarer
-// that an agent whose answers are often big pipelines on the word of a
-// few small ones and then has its big answers refused (an agent with one
-// answer in ten above the cap passes 20 small ones in a row 12% of the
-// time, 43% of the time for 8).
+// The window (ackWindow) keeps HAProxy safe whatever the count; the count
+// makes it rarer that an agent whose answers are often big pipelines on
+// the word of a few small ones and then has big answers replaced (an
+// agent with one answer in ten above the cap passes 20 small ones in a row
+// 12% of the time, 43% of the time for 8).
 const learnACKs = muxStreamsLimit
 
 // helloHoldMax bounds how long a HAPROXY-HELLO from 3.1+ waits, while the

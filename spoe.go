@@ -39,9 +39,9 @@
 // "pipelining" and "async" when HAProxy 2.6 to 3.0 offer them, but
 // "pipelining" to the 3.1+ multiplexer, whose connections can stall for
 // good when pipelined answers fill its buffer, only once it learnt that
-// its answers are small, and then caps them (804 bytes for HAProxy's
-// default tune.bufsize; see conn.pipelining, and the README's "Known
-// HAProxy issues"); and "fragmentation", with which HAProxy
+// its answers are small, and then keeps the last 20 ACKs it wrote on such
+// a connection below that buffer (see conn.pipelining, ackWindow, and the
+// README's "Known HAProxy issues"); and "fragmentation", with which HAProxy
 // 2.6 and 3.0 may split a big NOTIFY in several frames that the agent
 // joins. It answers health checks ("option spop-check"),
 // HAProxy's DISCONNECT, and protocol errors with the status code SPOP
