@@ -263,6 +263,25 @@ func TestServeReturnsAtShutdownWhenFull(t *testing.T) {
 	require.NoError(t, <-shut)
 }
 
+// TestSlowShare: one slow call in a hundred keeps handlers inline (it is
+// rescued); one in ten sends frames to goroutines of their own.
+func TestSlowShare(t *testing.T) {
+	for _, tc := range []struct {
+		every int
+		slow  bool
+	}{{100, false}, {20, false}, {10, true}, {2, true}} {
+		var s scheduler
+		for i := 1; i <= 2000; i++ {
+			d := time.Microsecond
+			if i%tc.every == 0 {
+				d = 20 * time.Millisecond
+			}
+			s.observe(d)
+		}
+		assert.Equal(t, tc.slow, s.slow(), "one slow call in %d", tc.every)
+	}
+}
+
 // TestSlowHandlersDispatched: once handlers are known to be slow, frames
 // are given goroutines of their own at once: they run together without
 // waiting to be rescued one by one.
@@ -277,7 +296,7 @@ func TestSlowHandlersDispatched(t *testing.T) {
 	})}
 	p := dialRaw(t, startAgent(t, a))
 	p.hello("pipelining", "e", 16380)
-	a.sched.handlerTime.Store(int64(time.Millisecond)) // as if the last calls took 1 ms
+	a.sched.slowShare.Store(1 << 16) // as if the last calls were all slow
 	payload, _ := appendMessages(nil, []ClientMessage{{Name: "m"}})
 	var batch []byte
 	for sid := uint64(1); sid <= n; sid++ {
@@ -294,7 +313,7 @@ func TestSlowHandlersDispatched(t *testing.T) {
 }
 
 // TestQuickHandlersInline: quick handlers keep running where their frame
-// was read; the average that decides stays low.
+// was read; the share of slow calls that decides stays low.
 func TestQuickHandlersInline(t *testing.T) {
 	a := &Agent{Handler: fastHandler}
 	p := newLoadPeer(t, a, ipRepMessage, 32)

@@ -42,10 +42,17 @@ const (
 	// handler is rescued after 1 to 4 ms.
 	inlineBudget = 50 * time.Microsecond
 
-	// dispatchThreshold: when the moving average of handler durations
-	// exceeds it, frames go to goroutines of their own at once (their cost
-	// is small beside such handlers) instead of running inline.
+	// dispatchThreshold: a handler call that takes longer is slow. When
+	// more than slowShareDispatch of the recent sampled calls were slow,
+	// frames go to goroutines of their own at once (their cost is small
+	// beside such handlers) instead of running inline; a rare slow call
+	// among quick ones (a cache miss) runs inline and is rescued, so that
+	// the quick ones do not all pay for a goroutine.
 	dispatchThreshold = 50 * time.Microsecond
+
+	// slowShareDispatch is that share, in 1/65536ths (6.25%); the share
+	// is a moving average of the sampled calls, each weighing 1/64.
+	slowShareDispatch = 1 << 16 / 16
 
 	// latencySampling: one handler call in latencySampling of each
 	// connection is timed (reading the clock costs as much as a small
@@ -61,22 +68,26 @@ var errLostRole = errors.New("spoe: reading role taken over")
 type scheduler struct {
 	slots limiter // MaxInFlight
 
-	// handlerTime is a moving average of the sampled handler durations,
-	// in nanoseconds.
-	handlerTime atomic.Int64
+	// slowShare is the moving share of the sampled handler calls that
+	// took longer than dispatchThreshold, in 1/65536ths.
+	slowShare atomic.Int64
 }
 
-// slow reports whether handlers have lately been slow enough that a frame
-// should not wait behind them: see dispatchThreshold.
+// slow reports whether handlers have lately been slow often enough that a
+// frame should not wait behind them: see dispatchThreshold.
 func (s *scheduler) slow() bool {
-	return time.Duration(s.handlerTime.Load()) > dispatchThreshold
+	return s.slowShare.Load() > slowShareDispatch
 }
 
-// observe feeds the moving average of handler durations (a weight of 1/8
-// per sample).
+// observe feeds the moving share of slow handler calls with a sampled
+// call of duration d.
 func (s *scheduler) observe(d time.Duration) {
-	avg := s.handlerTime.Load()
-	s.handlerTime.Store(avg + (int64(d)-avg)/8)
+	var x int64
+	if d > dispatchThreshold {
+		x = 1 << 16
+	}
+	share := s.slowShare.Load()
+	s.slowShare.Store(share + (x-share)/64)
 }
 
 // limiter is a counting semaphore: at most max slots taken at once. Any
