@@ -106,7 +106,7 @@ func runBigAnswers(t *testing.T, hp haproxyBinary, load bigAnswerLoad) bigAnswer
 		spoe.KeepPipelining(a)
 	}
 	agent := startAgentUnderTest(t, a)
-	if load.smallFor > 0 {
+	if load.smallFor > 0 || load.bigEvery > 0 {
 		// The agent learns that its answers are small before HAProxy
 		// starts: at a cold start, whether HAProxy's first connections
 		// wait long enough for it is a matter of timing (see
