@@ -28,6 +28,7 @@ type Collector struct {
 	connsOpen, connsTotal         *prometheus.Desc
 	framesIn, framesOut, writes   *prometheus.Desc
 	healthchecks, inFlight        *prometheus.Desc
+	bufferBytes, bufferWaiting    *prometheus.Desc
 	handlerErrors, handlerPanics  *prometheus.Desc
 	actionsRefused                *prometheus.Desc
 	acksDropped, acksRerouted     *prometheus.Desc
@@ -73,6 +74,8 @@ func WithConstLabels(labels prometheus.Labels) Option {
 //	spoe_writes_total                        counter: write calls (frames sent together share one)
 //	spoe_healthchecks_total                  counter
 //	spoe_in_flight                           gauge: NOTIFY frames being handled
+//	spoe_buffer_bytes                        gauge: bytes held in the buffers spoe.Agent.MaxBufferBytes bounds
+//	spoe_buffer_waiting                      gauge: readers and decodings waiting for that budget
 //	spoe_handler_errors_total                counter
 //	spoe_handler_panics_total                counter
 //	spoe_actions_refused_total               counter: actions left out of an ACK
@@ -108,6 +111,8 @@ func NewCollector(agent *spoe.Agent, opts ...Option) *Collector {
 		writes:         desc("writes_total", "Write calls; frames sent together share one."),
 		healthchecks:   desc("healthchecks_total", "Health-check HELLOs answered."),
 		inFlight:       desc("in_flight", "NOTIFY frames being handled now."),
+		bufferBytes:    desc("buffer_bytes", "Bytes held now in the buffers that MaxBufferBytes bounds."),
+		bufferWaiting:  desc("buffer_waiting", "Readers and decodings waiting now for MaxBufferBytes."),
 		handlerErrors:  desc("handler_errors_total", "Handler calls that returned an error."),
 		handlerPanics:  desc("handler_panics_total", "Handler calls that panicked."),
 		actionsRefused: desc("actions_refused_total", "Actions left out of an ACK: bad name, bad value or too big."),
@@ -131,6 +136,7 @@ func NewCollector(agent *spoe.Agent, opts ...Option) *Collector {
 func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{
 		c.connsOpen, c.connsTotal, c.framesIn, c.framesOut, c.writes, c.healthchecks, c.inFlight,
+		c.bufferBytes, c.bufferWaiting,
 		c.handlerErrors, c.handlerPanics, c.actionsRefused, c.acksDropped, c.acksRerouted, c.rescues,
 		c.protocolErrors, c.notifyTooBig, c.disconnectsIn, c.disconnectsOut, c.handlerSeconds,
 		c.messageRequests, c.messageErrors, c.messagePanics, c.messageSeconds,
@@ -161,6 +167,8 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	counter(c.writes, st.Writes)
 	counter(c.healthchecks, st.Healthchecks)
 	gauge(c.inFlight, float64(st.InFlight))
+	gauge(c.bufferBytes, float64(st.BufferBytes))
+	gauge(c.bufferWaiting, float64(st.BufferWaiting))
 	counter(c.handlerErrors, st.HandlerErrors)
 	counter(c.handlerPanics, st.HandlerPanics)
 	counter(c.actionsRefused, st.ActionsRefused)

@@ -95,6 +95,12 @@ spoe_handler_panics_total 1
 # HELP spoe_in_flight NOTIFY frames being handled now.
 # TYPE spoe_in_flight gauge
 spoe_in_flight 0
+# HELP spoe_buffer_bytes Bytes held now in the buffers that MaxBufferBytes bounds.
+# TYPE spoe_buffer_bytes gauge
+spoe_buffer_bytes 0
+# HELP spoe_buffer_waiting Readers and decodings waiting now for MaxBufferBytes.
+# TYPE spoe_buffer_waiting gauge
+spoe_buffer_waiting 0
 # HELP spoe_disconnects_received_total HAProxy's DISCONNECT frames, by status code.
 # TYPE spoe_disconnects_received_total counter
 spoe_disconnects_received_total{status="0"} 1
@@ -107,7 +113,7 @@ spoe_protocol_errors_total 0
 `
 	if err := testutil.CollectAndCompare(coll, strings.NewReader(want),
 		"spoe_connections_open", "spoe_connections_total", "spoe_frames_received_total", "spoe_frames_sent_total",
-		"spoe_handler_errors_total", "spoe_handler_panics_total", "spoe_in_flight",
+		"spoe_handler_errors_total", "spoe_handler_panics_total", "spoe_in_flight", "spoe_buffer_bytes", "spoe_buffer_waiting",
 		"spoe_disconnects_received_total", "spoe_disconnects_sent_total", "spoe_protocol_errors_total"); err != nil {
 		t.Error(err)
 	}
@@ -135,10 +141,10 @@ spoe_message_requests_total{message="panic"} 1
 		t.Error(err)
 	}
 
-	// Every metric is there, once, and passes the Prometheus linter: 24,
+	// Every metric is there, once, and passes the Prometheus linter: 26,
 	// and 4 per message name.
-	if n := testutil.CollectAndCount(coll); n != 24+3*4 {
-		t.Errorf("%d metrics collected, want %d", n, 24+3*4)
+	if n := testutil.CollectAndCount(coll); n != 26+3*4 {
+		t.Errorf("%d metrics collected, want %d", n, 26+3*4)
 	}
 	reg := prometheus.NewPedanticRegistry()
 	reg.MustRegister(coll)
