@@ -366,6 +366,11 @@ func (b *bufferBudget) grantLocked(i int) {
 	}
 	w.granted = true
 	close(w.ready)
+	b.dequeue(i)
+}
+
+// dequeue takes the i-th waiter out of the queue, with mu held.
+func (b *bufferBudget) dequeue(i int) {
 	b.queue = append(b.queue[:i], b.queue[i+1:]...)
 	b.waiting.Add(-1)
 }
@@ -404,8 +409,7 @@ func (b *bufferBudget) take(n int, stop <-chan struct{}, deadline time.Time) err
 	}
 	for i, q := range b.queue {
 		if q == w {
-			b.queue = append(b.queue[:i], b.queue[i+1:]...)
-			b.waiting.Add(-1)
+			b.dequeue(i)
 			break
 		}
 	}

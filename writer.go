@@ -390,30 +390,26 @@ func (w *ackWindow) admit(batch []byte) []byte {
 	rebuilt := false
 	off := 0
 	for f, rest, ok := splitFrame(batch); ok; f, rest, ok = splitFrame(rest) {
-		if len(f) <= lengthSize || frameType(f[lengthSize]) != frameAck {
+		isACK := len(f) > lengthSize && frameType(f[lengthSize]) == frameAck
+		switch {
+		case !isACK || w.fits(len(f)):
+			if isACK {
+				w.add(len(f))
+			}
 			if rebuilt {
 				w.out = append(w.out, f...)
 			}
-			off += len(f)
-			continue
-		}
-		if w.fits(len(f)) {
-			w.add(len(f))
-			if rebuilt {
-				w.out = append(w.out, f...)
+		default:
+			if !rebuilt {
+				rebuilt = true
+				w.out = append(w.out[:0], batch[:off]...)
 			}
-			off += len(f)
-			continue
-		}
-		if !rebuilt {
-			rebuilt = true
-			w.out = append(w.out[:0], batch[:off]...)
-		}
-		start := len(w.out)
-		w.out = w.errorACK(w.out, f)
-		w.add(len(w.out) - start)
-		if w.refused != nil {
-			w.refused()
+			start := len(w.out)
+			w.out = w.errorACK(w.out, f)
+			w.add(len(w.out) - start)
+			if w.refused != nil {
+				w.refused()
+			}
 		}
 		off += len(f)
 	}
