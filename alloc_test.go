@@ -43,8 +43,8 @@ func TestSimpleAPIAllocs(t *testing.T) {
 		// the map (header and slots); the handler's []Action and its
 		// boxed ActionSetVar. Names are interned.
 		{ipRepMessage, 5},
-		// The same, with one byte slab for the strings and bytes longer
-		// than a box holds; the handler's 3 boxed actions.
+		// The same, with one copy of the payload for the strings and
+		// bytes longer than a box holds; the handler's 3 boxed actions.
 		{heavyMessage, 8},
 	} {
 		p := newLoadPeer(t, &Agent{Handler: simpleHandler}, tt.msg, 1)

@@ -342,9 +342,9 @@ func TestReadyAndHealthHandler(t *testing.T) {
 	assert.ErrorIs(t, <-served, ErrAgentClosed)
 }
 
-// TestSimpleValuesKept: the simple API's values, decoded from one slab per
-// NOTIFY, have the documented types and stay intact after the handler
-// returned, across later requests and garbage collections.
+// TestSimpleValuesKept: the simple API's values, decoded with one copy of
+// the payload per NOTIFY, have the documented types and stay intact after
+// the handler returned, across later requests and garbage collections.
 func TestSimpleValuesKept(t *testing.T) {
 	long := strings.Repeat("s", 100)
 	args := []Arg{

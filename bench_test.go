@@ -195,7 +195,14 @@ var (
 // with 4 connections of 32 NOTIFYs in flight and 64 of 1, closed loop, for
 // both APIs, with no slow request and with 1%, 0.1% and 0.01% of them
 // slow. One op is one request; run with enough of them for the rare mixes,
-// e.g. -benchtime=100000x.
+// e.g. -benchtime=1000000x.
+//
+// At 64 × 1 a slow request idles its connection for slowFor, so the fast
+// requests meet a load of fewer busy connections than with slow=none. The
+// pause=X runs give that same load without a slow handler: the client
+// itself waits slowFor where it would have sent a slow request. Compared
+// with them, the slow=X runs show what the agent's slow handlers cost the
+// fast requests, and nothing else.
 func BenchmarkMixed(b *testing.B) {
 	for _, api := range []struct {
 		name    string
@@ -205,17 +212,27 @@ func BenchmarkMixed(b *testing.B) {
 			for _, mix := range []struct {
 				name      string
 				slowEvery int
-			}{{"none", 0}, {"1%", 100}, {"0.1%", 1000}, {"0.01%", 10000}} {
-				name := fmt.Sprintf("%s/%dx%d/slow=%s", api.name, shape[0], shape[1], mix.name)
+				pause     bool
+			}{
+				{"slow=none", 0, false},
+				{"slow=1%", 100, false}, {"slow=0.1%", 1000, false}, {"slow=0.01%", 10000, false},
+				{"pause=1%", 100, true}, {"pause=0.1%", 1000, true}, {"pause=0.01%", 10000, true},
+			} {
+				if mix.pause && shape[1] != 1 {
+					continue // a pause holds the whole connection: the same load only one at a time
+				}
+				name := fmt.Sprintf("%s/%dx%d/%s", api.name, shape[0], shape[1], mix.name)
 				b.Run(name, func(b *testing.B) {
-					runMixed(b, api.handler, shape[0], shape[1], mix.slowEvery)
+					runMixed(b, api.handler, shape[0], shape[1], mix.slowEvery, mix.pause)
 				})
 			}
 		}
 	}
 }
 
-func runMixed(b *testing.B, h Handler, conns, inflight, slowEvery int) {
+// runMixed runs the mixed workload; with pause, the client waits slowFor
+// instead of sending a slow request (inflight 1 only).
+func runMixed(b *testing.B, h Handler, conns, inflight, slowEvery int, pause bool) {
 	quiet := logrus.New()
 	quiet.SetOutput(io.Discard)
 	addr := startAgent(b, &Agent{Handler: h, Logger: quiet})
@@ -244,21 +261,27 @@ func runMixed(b *testing.B, h Handler, conns, inflight, slowEvery int) {
 			var sid uint64
 			outstanding := 0
 			send := func() error {
-				n := issued.Add(1)
-				if n > total {
-					return nil
+				for {
+					n := issued.Add(1)
+					if n > total {
+						return nil
+					}
+					s := slowEvery > 0 && n%int64(slowEvery) == 0
+					if s && pause {
+						time.Sleep(slowFor) // the connection idles as a slow handler would idle it
+						continue
+					}
+					sid++
+					payload := fast
+					if s {
+						payload = slow
+					}
+					buf = appendFrame(buf[:0], frameNotify, flagFin, sid, 1, payload)
+					sent[sid%ring], isSlow[sid%ring] = time.Now(), s
+					outstanding++
+					_, err := p.nc.Write(buf)
+					return err
 				}
-				sid++
-				s := slowEvery > 0 && n%int64(slowEvery) == 0
-				payload := fast
-				if s {
-					payload = slow
-				}
-				buf = appendFrame(buf[:0], frameNotify, flagFin, sid, 1, payload)
-				sent[sid%ring], isSlow[sid%ring] = time.Now(), s
-				outstanding++
-				_, err := p.nc.Write(buf)
-				return err
 			}
 			for j := 0; j < inflight; j++ {
 				if err := send(); err != nil {

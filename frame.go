@@ -236,6 +236,19 @@ func bufferSize(n int) int {
 	return n
 }
 
+// allocSize bounds what make([]byte, n) takes: Go rounds a small object up
+// to its size class (at most the next power of two), a large one to pages.
+func allocSize(n int) int {
+	if n <= 32<<10 {
+		s := 8
+		for s < n {
+			s <<= 1
+		}
+		return s
+	}
+	return (n + 8<<10 - 1) &^ (8<<10 - 1)
+}
+
 // putBuffer gives a buffer back to its pool; one of another size than the
 // pool's (grown by append) is left to the collector.
 func putBuffer(buf *buffer) {

@@ -354,19 +354,6 @@ func (c *conn) copyFrame(ex *exchange, payload []byte) bool {
 	return true
 }
 
-// allocSize bounds what make([]byte, n) takes: Go rounds a small object up
-// to its size class (at most the next power of two), a large one to pages.
-func allocSize(n int) int {
-	if n <= 32<<10 {
-		s := 8
-		for s < n {
-			s <<= 1
-		}
-		return s
-	}
-	return (n + 8<<10 - 1) &^ (8<<10 - 1)
-}
-
 // run calls the handler and returns the finished ACK.
 func (c *conn) run(ex *exchange, sampled bool) []byte {
 	var start time.Duration
