@@ -12,6 +12,7 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/sirupsen/logrus"
 	"github.com/stretchr/testify/require"
@@ -329,4 +330,89 @@ func runMixed(b *testing.B, h Handler, conns, inflight, slowEvery int, pause boo
 	b.ReportMetric(at(0.50), "p50-µs")
 	b.ReportMetric(at(0.99), "p99-µs")
 	b.ReportMetric(at(0.999), "p99.9-µs")
+}
+
+// floorSink keeps BenchmarkSeedAPIFloor's results alive.
+var floorSink []Action
+
+// BenchmarkSeedAPIFloor is the least that the seed program's signature
+// costs per NOTIFY beyond the zero-copy path, whatever the decoder: the
+// []Message with the boxes of the values (one allocation), a map per
+// message (Message.Args: Go's map is two), the bytes the handler may keep
+// (one copy of the payload), and the handler's own []Action and boxed
+// actions (simpleHandler). It walks no frame, checks nothing and writes no
+// ACK, so its ns/op (run with -cpu 1, as compare.sh runs agents) is a
+// lower bound on what the simple API adds to the zero-copy path's CPU per
+// request.
+func BenchmarkSeedAPIFloor(b *testing.B) {
+	for _, msg := range []ClientMessage{ipRepMessage, heavyMessage} {
+		b.Run(msg.Name, func(b *testing.B) {
+			payload, err := appendMessages(nil, []ClientMessage{msg})
+			require.NoError(b, err)
+			// What each argument is, found once: its type word and
+			// length; an integer or bool has no bytes.
+			type argShape struct {
+				name  string
+				typ   unsafe.Pointer
+				n     int
+				isInt bool
+				b     bool
+			}
+			shapes := make([]argShape, len(msg.Args))
+			for i, a := range msg.Args {
+				s := argShape{name: a.Name, typ: typeWord(a.Value)}
+				switch x := a.Value.(type) {
+				case string:
+					s.n = len(x)
+				case []byte:
+					s.n = len(x)
+				case net.IP:
+					s.n = len(x)
+				case int64:
+					s.isInt = true
+				case bool:
+					s.typ, s.b = nil, x
+				}
+				shapes[i] = s
+			}
+			b.ReportAllocs()
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				var msgs []Message
+				var boxes []valueBox
+				if len(shapes) <= 2 {
+					one := new(oneMessage2)
+					msgs, boxes = one.msg[:], one.boxes[:]
+				} else {
+					one := new(oneMessage8)
+					msgs, boxes = one.msg[:], one.boxes[:]
+				}
+				var clone []byte
+				args := make(map[string]interface{}, len(shapes))
+				for j := range shapes {
+					s, box := &shapes[j], &boxes[j]
+					switch {
+					case s.typ == nil:
+						args[s.name] = s.b
+					case s.isInt:
+						box.n = 1234
+						args[s.name] = boxed(s.typ, unsafe.Pointer(&box.n))
+					default:
+						if s.n <= len(box.small) {
+							box.p = unsafe.Pointer(&box.small[0])
+						} else {
+							if clone == nil {
+								clone = append([]byte(nil), payload...)
+							}
+							box.p = unsafe.Pointer(&clone[0])
+						}
+						box.n, box.c = s.n, s.n
+						args[s.name] = boxed(s.typ, unsafe.Pointer(box))
+					}
+				}
+				msgs[0] = Message{Name: msg.Name, Args: args}
+				floorSink, _ = simpleHandler(msgs)
+			}
+		})
+	}
 }
