@@ -11,9 +11,9 @@ package spoe
 //   - Inline. While handlers are quick, each runs in the goroutine that read
 //     its frame: no goroutine switch, no copy of the frame, and its ACK
 //     joins those written together before the next blocking read.
-//   - Dispatch. When handlers have lately been slow (the moving average of
-//     their sampled durations above dispatchThreshold), each frame is
-//     copied and given a goroutine of its own at once, so that frames do
+//   - Dispatch. When handlers have lately been slow (more than one in 16
+//     of the recent sampled calls took over dispatchThreshold: a moving
+//     share, slowShare), each frame is copied and given a goroutine of its own at once, so that frames do
 //     not wait behind one another. The copy is counted in the agent's
 //     buffer budget (MaxBufferBytes) until the handler is done; when the
 //     budget is spent, the frame runs inline instead.

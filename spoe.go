@@ -48,10 +48,10 @@
 // defines for them.
 //
 // Frames of one connection are handled in the goroutine that read them
-// while handlers are quick. When handlers have lately been slow (over 50 µs
-// on average), each frame gets a goroutine of its own at once; a rare slow
-// call among quick ones is left to finish in its goroutine after 1 to 4 ms
-// while another goroutine goes on reading. Pipelined frames are so handled
+// while handlers are quick. When handlers have lately been slow (more than
+// one call in 16 over 50 µs), each frame gets a goroutine of its own at
+// once; a rare slow call among quick ones is left to finish in its
+// goroutine after 1 to 4 ms while another goroutine goes on reading. Pipelined frames are so handled
 // concurrently. ACKs ready together leave in one write. With "async", an
 // ACK whose connection closed leaves on another connection of the same
 // HAProxy engine (engine-id), never on another engine's.
