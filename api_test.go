@@ -199,6 +199,21 @@ func TestMessageStatsRouter(t *testing.T) {
 	assert.Equal(t, MessageStats{Requests: 1, Panics: 1}, withoutLatency(st["panic"]))
 }
 
+// TestMessageStatsBeforeACK: Stats counts a NOTIFY before its ACK leaves
+// (Stats.Messages), also when the ACK is written at once, with nothing
+// gathered before it: each ACK read is already counted.
+func TestMessageStatsBeforeACK(t *testing.T) {
+	a := &Agent{Handler: HandlerFunc(func(*ActionWriter, *Request) error { return nil })}
+	c := dialAgent(t, startAgent(t, a), ClientConfig{})
+	for i := 1; i <= 2000; i++ {
+		_, err := c.Notify(notifyCtx(t), ClientMessage{Name: "ok"})
+		require.NoError(t, err)
+		if n := a.Stats().Messages["ok"].Requests; n != uint64(i) {
+			t.Fatalf("after the ACK of NOTIFY %d, Stats counts %d", i, n)
+		}
+	}
+}
+
 func withoutLatency(m MessageStats) MessageStats {
 	m.HandlerLatency, m.HandlerTime = nil, 0
 	return m

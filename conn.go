@@ -316,8 +316,10 @@ func (c *conn) drain() error {
 }
 
 // disconnect sends AGENT-DISCONNECT after everything already queued, as
-// the connection's last frame.
+// the connection's last frame, with the requests whose ACKs go with it
+// counted first (see recentStats).
 func (c *conn) disconnect(s Status, msg string) {
+	c.recent.flush()
 	if err := c.write(appendDisconnect(c.outRoom(maxDisconnectFrame), frameAgentDisconnect, s, msg), true); err == nil {
 		c.stats.countDisconnect(s, false)
 	}

@@ -479,6 +479,8 @@ func (c *conn) rescue() {
 	w.armMu.Lock()
 	w.armed.Store(false) // armed again by the next inline handler
 	w.armMu.Unlock()
+	// The rescued handler's request is counted before its ACK can leave.
+	c.recent.flush()
 	w.state.Store(s&^(stateInline|stateRescuing) + stateSeq)
 	// The ACKs gathered before the slow frame must not wait for it.
 	err := c.flush()

@@ -92,8 +92,9 @@ func (t *messageTable) get(name []byte) *messageStats {
 // reading role: HAProxy sends the same few names again and again, and a
 // name found here costs a comparison, not a map lookup nor an atomic
 // operation. flush adds the counts to the agent's before each write of
-// ACKs and before each blocking read, so Stats sees every NOTIFY whose ACK
-// left.
+// ACKs by the reading role (conn.writeOut), before each blocking read, and
+// before a rescued handler may write its own ACK (conn.rescue), so Stats
+// sees every NOTIFY whose ACK left.
 type recentStats struct {
 	last    [4]*messageStats
 	word    [4]uint64 // the first 8 bytes of each name, zero-padded (see nameWord)

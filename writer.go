@@ -291,8 +291,10 @@ func (c *conn) gather(frames []byte) {
 	c.out.b = append(b, frames...)
 }
 
-// writeOut writes frames of the reading role's, as flush does.
+// writeOut writes frames of the reading role's, as flush does, with the
+// requests counted before their ACKs leave (see recentStats).
 func (c *conn) writeOut(frames []byte) error {
+	c.recent.flush()
 	err := c.write(frames, false)
 	if err != nil && errors.Is(err, errWriteClosed) {
 		c.reroute(frames)
@@ -300,9 +302,10 @@ func (c *conn) writeOut(frames []byte) error {
 	return err
 }
 
-// flush writes the gathered frames.
+// flush writes the gathered frames. It counts the requests seen (see
+// recentStats) also when it has no frames to write: before a blocking read.
 func (c *conn) flush() error {
-	c.recent.flush() // before the ACKs leave: see recentStats
+	c.recent.flush()
 	if c.out == nil || len(c.out.b) == 0 {
 		return nil
 	}
