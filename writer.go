@@ -302,11 +302,11 @@ func (c *conn) writeOut(frames []byte) error {
 	return err
 }
 
-// flush writes the gathered frames. It counts the requests seen (see
-// recentStats) also when it has no frames to write: before a blocking read.
+// flush writes the gathered frames. With none, it still counts the
+// requests seen (see recentStats): it runs before each blocking read.
 func (c *conn) flush() error {
-	c.recent.flush()
 	if c.out == nil || len(c.out.b) == 0 {
+		c.recent.flush()
 		return nil
 	}
 	err := c.writeOut(c.out.b)
@@ -446,7 +446,7 @@ func (w *ackWindow) errorACK(b, ack []byte) []byte {
 	} else {
 		b = append(b, actionSetVar, 3, byte(VarScopeTransaction))
 		b = appendName(b, w.errVar)
-		b = append(b, byte(TypeBool)|boolTrueFlag)
+		b = appendTypedBool(b, true)
 	}
 	finishFrame(b, start)
 	return b
